@@ -1,0 +1,135 @@
+"""``eupe <step>``: one subcommand per pipeline step. Inputs are URIs, outputs go under ``--out``.
+
+Exit codes: 0 done (``result.json`` written), 2 bad input (one line on stderr naming it), 1 a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from eupe.errors import EupeError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (default: the paper's numbers)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set stage2.lr=1e-4 (repeatable)")
+
+
+def _load(args: argparse.Namespace, extra: list[str] | None = None):
+    from eupe.config import load_config
+
+    return load_config(args.config, [*args.overrides, *(extra or [])])
+
+
+def _stage_inputs(args: argparse.Namespace) -> list[str]:
+    """Input URIs given as flags become config overrides, so a step's inputs are explicit on its command line."""
+    extra = []
+    if getattr(args, "data", None):
+        extra.append(f"data.root={args.data}")
+    if getattr(args, "proxy", None):
+        extra.append(f"proxy.weights={args.proxy}")
+    return extra
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from eupe.data.synth import synthesize
+
+    size = args.size[0] if len(args.size) == 1 else tuple(args.size)
+    info = synthesize(Path(args.out), args.num_images, size=size, seed=args.seed, fmt=args.format, num_classes=args.classes)
+    print(f"{len(info['files'])} images in {args.out}")
+
+
+def cmd_normalize(args: argparse.Namespace) -> None:
+    from eupe.distill.normalize import run_normalize
+
+    cfg = _load(args, _stage_inputs(args))
+    result = run_normalize(cfg, args.stage, Path(args.out))
+    print(result["artifacts"]["stats"])
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from eupe.distill.trainer import train
+
+    cfg = _load(args, _stage_inputs(args))
+    result = train(cfg, args.stage, Path(args.out), norm=args.norm, init=args.init, resume=args.resume)
+    if result:
+        m = result["metrics"]
+        print(f"stage{args.stage}: loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}, {m['images_per_s']:.1f} img/s, "
+              f"checkpoint {result['artifacts'].get('checkpoint')}")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from eupe.config import dump_config
+
+    print(dump_config(_load(args)), end="")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from eupe.demo import run_demo
+
+    run_demo(args.config, Path(args.out), args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eupe", description="EUPE: distil vision teachers into one small universal encoder.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<step>")
+
+    data = sub.add_parser("data", help="dataset steps").add_subparsers(dest="data_command", required=True, metavar="<action>")
+    p = data.add_parser("synth", help="write a synthetic image-folder dataset (procedural scenes with class labels)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-images", type=int, default=512)
+    p.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX", help="side, or MIN MAX for varied sizes")
+    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="jpg", choices=["jpg", "png"])
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("normalize", help="frozen per-target feature mean/std for a stage")
+    _config_args(p)
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True)
+    p.add_argument("--data", help="dataset URI (overrides data.root)")
+    p.add_argument("--proxy", help="proxy weights for stages 2 and 3 (overrides proxy.weights)")
+    p.add_argument("--out", required=True, help="output folder (norm.safetensors, result.json)")
+    p.set_defaults(func=cmd_normalize)
+
+    p = sub.add_parser("train", help="run one distillation stage")
+    _config_args(p)
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True)
+    p.add_argument("--data", help="dataset URI (overrides data.root)")
+    p.add_argument("--norm", required=True, help="norm.safetensors from `eupe normalize` for this stage")
+    p.add_argument("--proxy", help="proxy weights for stages 2 and 3 (overrides proxy.weights)")
+    p.add_argument("--init", help="checkpoint to start from (stage 3: the stage-2 model.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint under --out")
+    p.add_argument("--out", required=True, help="output folder (checkpoints/, encoder.safetensors, result.json)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved config")
+    _config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("demo", help="synthesize data, normalize and run stages 1-3 on the CPU; print a summary table")
+    _config_args(p)
+    p.add_argument("--out", default="artifacts/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except EupeError as e:
+        print(f"eupe: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: synthetic generation, loading and transforms."""

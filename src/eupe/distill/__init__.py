@@ -1,0 +1,1 @@
+"""The EUPE distillation: loss, frozen teacher normalization, checkpoints and the training loop."""

@@ -1,0 +1,63 @@
+"""Atomic training checkpoints: ``step_XXXXXXXX/{model.safetensors,state.pt}`` plus ``latest.json``.
+
+A directory appears under its final name only once complete, and ``latest.json`` is rewritten after
+it, so a run killed at any moment resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from eupe import storage
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def tensors_for_disk(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+
+
+def save(root: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = 2) -> Path:
+    final = root / f"step_{step:08d}"
+    with storage.atomic_dir(final) as tmp:
+        save_file(tensors_for_disk(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        torch.save({**train_state, "step": step}, tmp / STATE_FILE)
+    storage.write_json(str(root / "latest.json"), {"step": step, "path": final.name})
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(root: Path) -> Path | None:
+    marker = root / "latest.json"
+    if not marker.is_file():
+        return None
+    path = root / storage.read_json(str(marker))["path"]
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    # weights_only: optimizer/scheduler state, RNG byte tensors and plain Python values only.
+    # Python's random state is a tuple of ints, which the safe unpickler accepts.
+    return load_file(str(path / MODEL_FILE)), torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)

@@ -1,0 +1,117 @@
+"""Per-target feature statistics: computed once on a batch at the start of a stage, then frozen.
+
+Saved as one safetensors file (``<target>.cls_mean`` ... ``<target>.patch_std``) with the images used
+recorded in its metadata, so every training stage and every rank normalizes identically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from eupe import storage
+from eupe.config import Config
+from eupe.data.folder import open_source
+from eupe.data.loader import DistillImages
+from eupe.distill.targets import build_targets, check_models, target_features
+from eupe.errors import EupeError
+from eupe.results import write_result
+
+_FIELDS = ("cls_mean", "cls_std", "patch_mean", "patch_std")
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    cls_mean: torch.Tensor
+    cls_std: torch.Tensor
+    patch_mean: torch.Tensor
+    patch_std: torch.Tensor
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.cls_mean.numel(), self.patch_mean.numel()
+
+    def apply(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = cls.device
+        return (
+            (cls.float() - self.cls_mean.to(dev)) / self.cls_std.to(dev),
+            (patches.float() - self.patch_mean.to(dev)) / self.patch_std.to(dev),
+        )
+
+
+class StatsAccumulator:
+    """Per-channel mean/std in float64 over every class vector and every patch token seen."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, list[torch.Tensor | int]] = {}
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
+        s = self._sums.setdefault(key, [torch.zeros(x.shape[-1], dtype=torch.float64)] * 2 + [0])
+        s[0] = s[0] + x.sum(0)
+        s[1] = s[1] + (x * x).sum(0)
+        s[2] = s[2] + x.shape[0]
+
+    def stats(self, eps: float) -> FeatureStats:
+        out = {}
+        for key in ("cls", "patch"):
+            total, sq, n = self._sums[key]
+            mean = total / n
+            var = (sq / n - mean * mean).clamp_min(0)
+            out[f"{key}_mean"], out[f"{key}_std"] = mean.float(), (var.sqrt() + eps).float()
+        return FeatureStats(**out)
+
+
+def save_stats(uri: str, stats: dict[str, FeatureStats], meta: dict) -> None:
+    tensors = {f"{name}.{f}": getattr(s, f).contiguous() for name, s in stats.items() for f in _FIELDS}
+    storage.write_bytes(uri, save(tensors, metadata={"eupe": json.dumps(meta)}))
+
+
+def load_stats(uri: str) -> tuple[dict[str, FeatureStats], dict]:
+    path = storage.local_copy(uri)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("eupe", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise EupeError(f"cannot read normalization stats {uri}: {e}") from None
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    try:
+        stats = {n: FeatureStats(**{f: tensors[f"{n}.{f}"] for f in _FIELDS}) for n in names}
+    except KeyError as e:
+        raise EupeError(f"normalization stats {uri}: missing tensor {e}") from None
+    return stats, meta
+
+
+def run_normalize(cfg: Config, stage: int, out: Path) -> dict:
+    """``eupe normalize``: statistics of every target of ``stage`` at each of its resolutions."""
+    check_models(cfg, stage)
+    source = open_source(cfg.data.root)
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    targets = build_targets(cfg, stage, device)
+    n = min(cfg.normalization.num_images, len(source))
+    g = torch.Generator().manual_seed(cfg.seed)
+    indices = sorted(torch.randperm(len(source), generator=g)[:n].tolist())
+    size = max(r for t in targets for r in t.resolutions)
+    loader = DataLoader(Subset(DistillImages(source, size, train=False), indices),
+                        batch_size=cfg.normalization.batch_size, num_workers=cfg.data.num_workers)
+    accs = {t.name: StatsAccumulator() for t in targets}
+    for images, _ in tqdm(loader, desc=f"normalize stage{stage}", unit="batch", mininterval=2):
+        for t in targets:
+            for r in t.resolutions:
+                f = target_features(t, images, r)
+                accs[t.name].add("cls", f.cls)
+                accs[t.name].add("patch", f.patches)
+    stats = {name: acc.stats(cfg.normalization.eps) for name, acc in accs.items()}
+    path = Path(out) / "norm.safetensors"
+    meta = {"stage": stage, "num_images": n, "images": [source.uri(i) for i in indices],
+            "resolutions": {t.name: t.resolutions for t in targets}}
+    save_stats(str(path), stats, meta)
+    dims = {name: {"cls": s.dims[0], "patch": s.dims[1]} for name, s in stats.items()}
+    return write_result(out, f"normalize-stage{stage}", {"num_images": n, "dims": dims}, {"stats": path})

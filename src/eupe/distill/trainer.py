@@ -1,0 +1,215 @@
+"""One training loop for the three EUPE stages. Read it top to bottom:
+
+    stage 1: teachers (several, heterogeneous) -> proxy
+    stage 2: proxy -> student at a fixed resolution
+    stage 3: proxy -> student, teacher and student each draw a resolution from the pyramid every step
+
+Every step: frozen targets run once per micro-batch under inference mode, their features are
+normalized with the frozen stage statistics, the student's tokens go through one adapter per target,
+and the EUPE loss is averaged over micro-batches (gradient accumulation to the global batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from eupe import results, storage
+from eupe.config import Config
+from eupe.data.folder import open_source
+from eupe.data.loader import StepBatchSampler, sample_seed, step_loader
+from eupe.distill import checkpoint
+from eupe.distill.loss import distill_loss
+from eupe.distill.normalize import FeatureStats, load_stats
+from eupe.distill.runtime import Runtime, setup, teardown, warmup_cosine
+from eupe.distill.targets import Target, build_targets, check_models, model_inputs, prepare, student_spec, target_features
+from eupe.errors import EupeError
+from eupe.models.adapter import TargetAdapter
+from eupe.models.features import extract_features, feature_dims
+from eupe.models.registry import build_model, read_state_dict
+
+log = logging.getLogger(__name__)
+
+
+class DistillModel(nn.Module):
+    """The trained encoder plus one adapter per target. Checkpoint keys: ``encoder.*``, ``adapters.*``."""
+
+    def __init__(self, encoder: nn.Module, adapters: dict[str, TargetAdapter]):
+        super().__init__()
+        self.encoder = encoder
+        self.adapters = nn.ModuleDict(adapters)
+
+    def forward(self, x: torch.Tensor, grids: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        feats = extract_features(self.encoder, x)
+        return {name: adapter(feats, grids[name]) for name, adapter in self.adapters.items()}
+
+
+@dataclass
+class History:
+    loss: list[float] = field(default_factory=list)
+    per_target: dict[str, list[float]] = field(default_factory=dict)
+    resolutions: list[dict[str, int]] = field(default_factory=list)  # what each step drew
+
+
+def draw_resolutions(cfg: Config, stage: int, step: int, targets: list[Target]) -> dict[str, int]:
+    """Student and each target draw their input size independently, seeded by (seed, stage, step)."""
+    rng = random.Random(sample_seed(cfg.seed * 7 + stage, step))
+    drawn = {"student": rng.choice(cfg.stage(stage).resolutions)}
+    for t in targets:
+        drawn[t.name] = rng.choice(t.resolutions)
+    return drawn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and other 1-D parameters (standard ViT practice)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def preflight(cfg: Config, stage: int, norm: str, init: str | None) -> None:
+    """Every input named by the run exists, before any model is built or any file written."""
+    check_models(cfg, stage)
+    if not storage.exists(norm):
+        raise EupeError(f"--norm: normalization stats not found: {norm}")
+    if init is not None and not storage.exists(init):
+        raise EupeError(f"--init: checkpoint not found: {init}")
+    st = cfg.stage(stage)
+    if st.batch_size % st.micro_batch_size:
+        raise EupeError(f"stage{stage}.batch_size {st.batch_size} is not a multiple of micro_batch_size {st.micro_batch_size}")
+
+
+def train(cfg: Config, stage: int, out: Path, norm: str, init: str | None = None, resume: bool = False) -> dict:
+    st = cfg.stage(stage)
+    preflight(cfg, stage, norm, init)
+    source = open_source(cfg.data.root)
+    rt = setup(cfg)
+    try:
+        return _train(cfg, stage, st, Path(out), norm, init, resume, source, rt)
+    finally:
+        teardown()
+
+
+def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict:
+    torch.manual_seed(cfg.seed)
+    per_rank = st.batch_size // rt.world_size
+    if per_rank * rt.world_size != st.batch_size or per_rank % st.micro_batch_size:
+        raise EupeError(
+            f"stage{stage}.batch_size {st.batch_size} does not split into {rt.world_size} ranks x micro batches of {st.micro_batch_size}"
+        )
+    accum = per_rank // st.micro_batch_size
+
+    # --- models: frozen targets, their frozen statistics, the student and its adapters -------------
+    targets = build_targets(cfg, stage, rt.device)
+    stats, _ = load_stats(norm)
+    missing = [t.name for t in targets if t.name not in stats]
+    if missing:
+        raise EupeError(f"--norm {norm} has no statistics for {missing} (has {sorted(stats)})")
+    field_name, spec = student_spec(cfg, stage)
+    encoder = build_model(spec, field_name)
+    s_dims = feature_dims(encoder, min(st.resolutions))
+    model = DistillModel(encoder, {t.name: TargetAdapter(s_dims, stats[t.name].dims, st.adapter_hidden) for t in targets})
+    if init is not None:  # stage 3 continues the stage-2 encoder and adapters
+        load_init(model, init)
+    model.to(rt.device).train()
+    s_mean, s_std = model_inputs(encoder, rt.device)
+    ddp = DistributedDataParallel(model) if rt.world_size > 1 else model
+
+    opt = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=st.lr, betas=st.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(st.iters, st.warmup_iters, st.min_lr_ratio))
+
+    # --- resume ----------------------------------------------------------------------------------
+    ckpt_dir = out / "checkpoints"
+    history, start = History(), 0
+    last = checkpoint.latest(ckpt_dir) if resume else None
+    if last is not None:
+        weights, state = checkpoint.load(last)
+        model.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        history = History(**state["history"])
+        start = state["step"]
+        log.info("resumed from %s at step %d", last, start)
+
+    load_size = max([*st.resolutions, *(r for t in targets for r in t.resolutions)])
+    sampler = StepBatchSampler(len(source), st.batch_size, st.micro_batch_size, start, st.iters, cfg.seed, rt.rank, rt.world_size)
+    batches = iter(step_loader(source, load_size, sampler, cfg.data.num_workers, cfg.data.crop_scale, cfg.data.hflip,
+                               pin_memory=rt.device.type == "cuda"))
+
+    # --- the loop --------------------------------------------------------------------------------
+    bar = tqdm(total=st.iters, initial=start, desc=f"stage{stage}", unit="step", disable=not rt.is_main, mininterval=2)
+    t0, seen, last_ckpt = time.perf_counter(), 0, last
+    for step in range(start, st.iters):
+        sizes = draw_resolutions(cfg, stage, step, targets)
+        step_loss, step_parts = 0.0, {t.name: 0.0 for t in targets}
+        for micro in range(accum):
+            images, _ = next(batches)
+            with rt.autocast():
+                feats = {t.name: target_features(t, images, sizes[t.name]) for t in targets}
+            normed = {t.name: stats[t.name].apply(feats[t.name].cls, feats[t.name].patches) for t in targets}
+            x = prepare(images, sizes["student"], s_mean, s_std)
+            sync = micro == accum - 1 or rt.world_size == 1
+            with (ddp.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
+                preds = ddp(x, {t.name: feats[t.name].grid for t in targets})
+                parts = {t.name: distill_loss(*preds[t.name], *normed[t.name], cfg.loss) for t in targets}
+                loss = sum(t.loss_weight * parts[t.name] for t in targets) / accum
+            loss.backward()
+            step_loss += loss.item()
+            for name, v in parts.items():
+                step_parts[name] += v.item() / accum
+        if st.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), st.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+        history.loss.append(rt.mean(step_loss))
+        for name, v in step_parts.items():
+            history.per_target.setdefault(name, []).append(rt.mean(v))
+        history.resolutions.append(sizes)
+        seen += st.batch_size
+        rate = seen / (time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{history.loss[-1]:.4f}", img_s=f"{rate:.1f}")
+        if (step + 1) % st.log_every == 0 and rt.is_main:
+            eta = (st.iters - step - 1) * st.batch_size / max(rate, 1e-9)
+            log.info("stage%d step %d/%d loss %.4f %.1f img/s eta %.0fs", stage, step + 1, st.iters, history.loss[-1], rate, eta)
+        if (step + 1) % st.checkpoint_every == 0 or step + 1 == st.iters:
+            if rt.is_main:
+                last_ckpt = checkpoint.save(ckpt_dir, step + 1, model.state_dict(), {
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": checkpoint.rng_state(), "history": history.__dict__,
+                })
+            rt.barrier()
+    bar.close()
+    wall = time.perf_counter() - t0
+
+    if not rt.is_main:
+        return {}
+    last_ckpt = last_ckpt or checkpoint.latest(ckpt_dir)
+    return results.write_training_result(out, stage, history.__dict__, {
+        "steps": st.iters, "steps_this_run": st.iters - start, "images_per_s": seen / wall if seen else 0.0,
+        "wall_s": wall, "world_size": rt.world_size, "global_batch": st.batch_size, "accumulation": accum,
+    }, checkpoint_dir=last_ckpt, encoder_state={k: v for k, v in model.encoder.state_dict().items()})
+
+
+def load_init(model: DistillModel, uri: str) -> None:
+    """Start from an earlier stage's checkpoint: the encoder always, adapters whose shapes still fit."""
+    state = read_state_dict(uri)
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("encoder.") for k in fits):
+        raise EupeError(f"--init {uri}: no encoder weights that fit {type(model.encoder).__name__}")
+    model.load_state_dict(fits, strict=False)

@@ -1,0 +1,105 @@
+"""One registry for teachers, proxy and students: timm names in, frozen or trainable modules out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from eupe import storage
+from eupe.config import ModelSpec
+from eupe.errors import EupeError
+
+# The paper's student family; any other timm name is accepted as is.
+STUDENTS: dict[str, str] = {
+    "vit_t": "vit_tiny_patch16_224",
+    "vit_s": "vit_small_patch16_224",
+    "vit_b": "vit_base_patch16_224",
+    "convnext_t": "convnext_tiny",
+    "convnext_b": "convnext_base",
+}
+
+# Transformers take any input size (position embeddings interpolated, odd sizes padded to the patch).
+_VIT_KWARGS = ("img_size", "dynamic_img_size", "dynamic_img_pad")
+# Keys our own checkpoints prefix the trained encoder with (see distill.checkpoint).
+_ENCODER_PREFIX = "encoder."
+
+
+def check_model_name(name: str, field: str = "model") -> str:
+    """Resolve a student alias; fail with one line when timm does not know the name."""
+    resolved = STUDENTS.get(name, name)
+    if not timm.is_model(resolved):
+        raise EupeError(f"{field}: unknown timm model {name!r}")
+    return resolved
+
+
+def check_weights(uri: str | None, field: str = "weights") -> None:
+    """Fail before any compute when a configured checkpoint is missing."""
+    if uri is None or uri == "hub":
+        return
+    if not storage.exists(uri):
+        raise EupeError(f"{field}: checkpoint not found: {uri}")
+
+
+def build_model(spec: ModelSpec, field: str = "model") -> nn.Module:
+    """Create a timm model without its classifier and load ``spec.weights`` when given."""
+    name = check_model_name(spec.model, f"{field}.model")
+    check_weights(spec.weights, f"{field}.weights")
+    vit = {"img_size": spec.img_size, "dynamic_img_size": True, "dynamic_img_pad": True}
+    kwargs = {"num_classes": 0, **spec.kwargs}
+    try:
+        model = timm.create_model(name, pretrained=spec.weights == "hub", **{**vit, **kwargs})
+    except TypeError as e:
+        if not any(k in str(e) for k in _VIT_KWARGS):
+            raise EupeError(f"{field}.kwargs: {e}") from None
+        model = timm.create_model(name, pretrained=spec.weights == "hub", **kwargs)  # CNNs: any size as is
+    if spec.weights and spec.weights != "hub":
+        load_weights(model, spec.weights, field)
+    return model
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """safetensors, or a PyTorch state dict loaded with ``weights_only=True``; local path or s3://."""
+    path = storage.local_copy(uri)
+    try:
+        if Path(path).suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file: say which one
+        raise EupeError(f"cannot read weights {uri}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise EupeError(f"cannot read weights {uri}: not a state dict")
+    return state
+
+
+def load_weights(model: nn.Module, uri: str, field: str = "model") -> None:
+    state = read_state_dict(uri)
+    if any(k.startswith(_ENCODER_PREFIX) for k in state):  # a checkpoint of ours: take the encoder only
+        state = {k[len(_ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(_ENCODER_PREFIX)}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise EupeError(
+            f"{field}.weights {uri} does not fit {type(model).__name__}: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Teachers: eval mode, no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def input_norm(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std the model family was trained with (PE: 0.5/0.5, DINOv3 and ConvNeXt: ImageNet)."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))

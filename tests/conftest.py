@@ -1,0 +1,99 @@
+"""Shared fixtures.
+
+``s3_server`` runs a real ``moto_server`` process (S3 over HTTP on loopback) for the whole
+session; nothing is mocked in-process, so the code under test talks to it exactly as it would
+talk to S3 or MinIO: through boto3 and the standard AWS_* environment variables.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/moto-api/", timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered HTTP, whatever the status
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto_server did not answer on {url} within {timeout:.0f}s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Endpoint URL of a real moto_server; AWS_* env vars point at it for the whole session."""
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.exists():
+        pytest.skip(f"moto_server not installed next to {sys.executable}")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    logdir = tmp_path_factory.mktemp("moto")
+    log = logdir / "moto_server.log"
+    # Log to a file, never to an unread PIPE: moto logs every request and would block once
+    # the pipe buffer fills.
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [str(exe), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        _wait_until_up(endpoint, proc, log)
+        with pytest.MonkeyPatch.context() as mp:
+            for var in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+                mp.delenv(var, raising=False)
+            # Keep the developer's ~/.aws config and credentials out of the tests.
+            mp.setenv("AWS_CONFIG_FILE", str(logdir / "no-config"))
+            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(logdir / "no-credentials"))
+            mp.setenv("AWS_ENDPOINT_URL", endpoint)
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> Iterator[str]:
+    """A fresh, empty, uniquely named bucket on the session's moto_server."""
+    name = f"eupe-test-{uuid.uuid4().hex[:16]}"
+    _admin_client(s3_server).create_bucket(Bucket=name)
+    yield name
+
+
+@functools.lru_cache(maxsize=None)
+def _admin_client(endpoint: str) -> Any:
+    import boto3  # building a client loads botocore's S3 model (~0.2 s): do it once
+
+    return boto3.session.Session().client("s3", endpoint_url=endpoint)
