@@ -44,9 +44,18 @@ def save(root: Path, step: int, model_state: dict[str, torch.Tensor], train_stat
         save_file(tensors_for_disk(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
         torch.save({**train_state, "step": step}, tmp / STATE_FILE)
     storage.write_json(str(root / "latest.json"), {"step": step, "path": final.name})
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep)
     return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints. Anything else named ``step_*`` goes too: the
+    ``.tmp-*`` / ``.old-*`` leftovers of a run killed mid-save would otherwise sort among the
+    checkpoints and push real ones out (only rank 0 writes here, so none of them is in use)."""
+    entries = list(root.glob("step_*"))
+    complete = sorted(p for p in entries if p.name.removeprefix("step_").isdigit())
+    for path in set(entries) - set(complete[-keep:]):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def latest(root: Path) -> Path | None:

@@ -35,10 +35,13 @@ def target_specs(cfg: Config, stage: int) -> list[tuple[str, str, ModelSpec, flo
 
 
 def check_models(cfg: Config, stage: int) -> None:
-    """Every model name and weights file of the stage, before anything is built or written."""
-    field, spec = student_spec(cfg, stage)
-    for name, where, s, _ in target_specs(cfg, stage) + [(field, field, spec, 1.0)]:
+    """Every model name of the recipe (a typo in the student fails stage 1, not days later) and every
+    weights file the stage loads, before anything is built or written."""
+    named = [(f"teachers.{i}", t) for i, t in enumerate(cfg.teachers)] + [("proxy", cfg.proxy), ("student", cfg.student)]
+    for where, s in named:
         check_model_name(s.model, f"{where}.model")
+    field, spec = student_spec(cfg, stage)
+    for _, where, s, _ in target_specs(cfg, stage) + [(field, field, spec, 1.0)]:
         check_weights(s.weights, f"{where}.weights")
 
 
@@ -50,8 +53,12 @@ def model_inputs(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, 
 def build_targets(cfg: Config, stage: int, device: torch.device) -> list[Target]:
     st = cfg.stage(stage)
     out = []
-    for name, where, spec, weight in target_specs(cfg, stage):
-        model = freeze(build_model(spec, where)).to(device)
+    for i, (name, where, spec, weight) in enumerate(target_specs(cfg, stage)):
+        # Seeded per target: a randomly initialised target (tests, the demo) is the same network
+        # in `eupe normalize`, in `eupe train` and on every rank.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 1000 + stage * 100 + i)
+            model = freeze(build_model(spec, where)).to(device)
         mean, std = model_inputs(model, device)
         out.append(Target(name, model, list(st.teacher_resolutions or [spec.img_size]), weight, mean, std))
     return out

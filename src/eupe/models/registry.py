@@ -83,12 +83,17 @@ def load_weights(model: nn.Module, uri: str, field: str = "model") -> None:
     if any(k.startswith(_ENCODER_PREFIX) for k in state):  # a checkpoint of ours: take the encoder only
         state = {k[len(_ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(_ENCODER_PREFIX)}
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
         raise EupeError(
-            f"{field}.weights {uri} does not fit {type(model).__name__}: "
-            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            f"{field}.weights {uri} does not fit {type(model).__name__}: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(wrong)} of another shape (e.g. {wrong[:2]})"
         )
+    model.load_state_dict(state)
 
 
 def freeze(model: nn.Module) -> nn.Module:

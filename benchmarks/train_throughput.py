@@ -1,0 +1,266 @@
+"""Throughput of ONE stage-2 training step, measured against this machine's own matmul rate.
+
+The step is the trainer's loop body (``eupe.distill.trainer._train``) for one micro-batch, built from
+the same library pieces, because the loop body is not exposed as a function:
+
+    frozen proxy   ``build_targets`` (registry ``build_model`` + ``freeze``): ViT-B/16 geometry, 256 px,
+                   forward under ``torch.inference_mode`` via ``target_features``
+    statistics     ``FeatureStats`` with zeros/ones (what ``eupe normalize`` would have written)
+    student        ``DistillModel(build_model(ViT-S/16 @ 256), {proxy: TargetAdapter(hidden=3072)})``
+    loss           ``distill_loss`` with the paper's ``LossConfig``
+    optimizer      AdamW on ``param_groups``, grad clipping, ``warmup_cosine`` LR schedule
+
+Models are randomly initialised (no downloads); FLOPs and time do not depend on the weights.
+
+Printed, all from one run: images/s of the full step (median of ``--steps`` after ``--warmup``), FLOPs of
+one step counted with ``torch.utils.flop_counter.FlopCounterMode``, achieved FLOP/s, the machine's fp32
+``torch.mm`` rate at the same thread count, and the step's achieved FLOP/s as a fraction of that rate,
+with the same numbers for the teacher forward and the student forward+backward alone.
+
+    .venv/bin/python benchmarks/train_throughput.py [--batch 8] [--steps 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from eupe.config import Config, ModelSpec
+from eupe.distill.loss import distill_loss
+from eupe.distill.normalize import FeatureStats
+from eupe.distill.runtime import warmup_cosine
+from eupe.distill.targets import build_targets, model_inputs, prepare, student_spec, target_features
+from eupe.distill.trainer import DistillModel, draw_resolutions, param_groups
+from eupe.models.adapter import TargetAdapter
+from eupe.models.features import feature_dims
+from eupe.models.registry import build_model
+
+STAGE = 2
+PHASES = ("teacher", "student", "optim")  # teacher fwd | student fwd+bwd (adapter, loss) | clip+AdamW+sched
+
+
+# --- FLOP formulas the counter lacks on CPU ------------------------------------------------------
+# PyTorch's counter knows the CUDA attention kernels only; on CPU, SDPA runs as
+# ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), and under inference mode the
+# dispatch mode sees ``scaled_dot_product_attention`` itself. Same formulas as the CUDA kernels.
+def _bmm(b: int, m: int, k: int, n: int) -> int:
+    return 2 * b * m * k * n
+
+
+def _sdpa_fwd(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    b, h, sq, d = q
+    sk, dv = k[-2], v[-1]
+    return _bmm(b * h, sq, d, sk) + _bmm(b * h, sq, sk, dv)
+
+
+def _sdpa_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    b, h, sq, d = q
+    sk, dv = k[-2], v[-1]
+    # recompute scores, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q
+    return _bmm(b * h, sq, d, sk) + _bmm(b * h, sq, dv, sk) + _bmm(b * h, sk, sq, dv) + 2 * _bmm(b * h, sq, sk, d)
+
+
+def _cpu_attention_flops() -> dict:
+    aten = torch.ops.aten
+    mapping = {aten.scaled_dot_product_attention: _sdpa_fwd}
+    for name, f in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_fwd),
+                    ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_bwd)):
+        if hasattr(aten, name):
+            mapping[getattr(aten, name)] = f
+    return mapping
+
+
+# --- the step ------------------------------------------------------------------------------------
+class Stage2Step:
+    """The trainer's per-step work for one micro-batch (accumulation 1), phase by phase."""
+
+    def __init__(self, batch: int, size: int, hidden: int, teacher: str, student: str, seed: int = 0):
+        torch.manual_seed(seed)
+        self.cfg = Config(
+            seed=seed, device="cpu", precision="fp32",
+            proxy=ModelSpec(model=teacher, img_size=size),
+            student=ModelSpec(model=student, img_size=size),
+        )
+        self.cfg = self.cfg.model_copy(update={"stage2": self.cfg.stage2.model_copy(update={
+            "adapter_hidden": hidden, "resolutions": [size], "teacher_resolutions": [size],
+            "batch_size": batch, "micro_batch_size": batch})})
+        st = self.cfg.stage(STAGE)
+        device = torch.device("cpu")
+        self.targets = build_targets(self.cfg, STAGE, device)  # frozen, eval, requires_grad False
+        self.stats = {}
+        for t in self.targets:
+            c, p = feature_dims(t.model, size)
+            self.stats[t.name] = FeatureStats(torch.zeros(c), torch.ones(c), torch.zeros(p), torch.ones(p))
+        field_name, spec = student_spec(self.cfg, STAGE)
+        encoder = build_model(spec, field_name)
+        s_dims = feature_dims(encoder, min(st.resolutions))
+        self.model = DistillModel(encoder, {t.name: TargetAdapter(s_dims, self.stats[t.name].dims, st.adapter_hidden)
+                                            for t in self.targets})
+        self.model.to(device).train()
+        self.s_mean, self.s_std = model_inputs(encoder, device)
+        self.opt = torch.optim.AdamW(param_groups(self.model, st.weight_decay), lr=st.lr, betas=st.betas)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(st.iters, st.warmup_iters, st.min_lr_ratio))
+        self.grad_clip = st.grad_clip
+        # The loader hands uint8 crops at the largest configured size (here == every model's size,
+        # so ``prepare`` does not resample, as in the trainer's stage 2).
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+        self.step_no = 0
+        self.teacher_params = sum(p.numel() for t in self.targets for p in t.model.parameters())
+        self.student_params = sum(p.numel() for p in self.model.parameters())
+
+    def __call__(self, phase: Callable[[str], object] | None = None) -> dict[str, float]:
+        """Run one step; ``phase(name)`` returns a context manager wrapped around each phase.
+        Returns the wall time of each phase (seconds)."""
+        import contextlib
+
+        ctx = phase or (lambda name: contextlib.nullcontext())
+        cfg, targets, stats, images = self.cfg, self.targets, self.stats, self.images
+        times = {}
+        t0 = time.perf_counter()
+        sizes = draw_resolutions(cfg, STAGE, self.step_no, targets)
+        with ctx("teacher"):
+            feats = {t.name: target_features(t, images, sizes[t.name]) for t in targets}
+        t1 = time.perf_counter()
+        times["teacher"] = t1 - t0
+        with ctx("student"):
+            normed = {t.name: stats[t.name].apply(feats[t.name].cls, feats[t.name].patches) for t in targets}
+            x = prepare(images, sizes["student"], self.s_mean, self.s_std)
+            preds = self.model(x, {t.name: feats[t.name].grid for t in targets})
+            parts = {t.name: distill_loss(*preds[t.name], *normed[t.name], cfg.loss) for t in targets}
+            loss = sum(t.loss_weight * parts[t.name] for t in targets) / 1  # accum == 1
+            loss.backward()
+            loss.item()
+            for v in parts.values():
+                v.item()
+        t2 = time.perf_counter()
+        times["student"] = t2 - t1
+        with ctx("optim"):
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+        times["optim"] = time.perf_counter() - t2
+        times["step"] = time.perf_counter() - t0
+        self.step_no += 1
+        return times
+
+
+def count_flops(step: Stage2Step) -> dict[str, int]:
+    """FLOPs of one step, per phase, each phase under its own FlopCounterMode."""
+    counters = {name: FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) for name in PHASES}
+    step(phase=lambda name: counters[name])
+    flops = {name: c.get_total_flops() for name, c in counters.items()}
+    flops["step"] = sum(flops.values())
+    return flops
+
+
+def matmul_rate(n: int = 2048, warmup: int = 2, reps: int = 7) -> float:
+    """fp32 ``torch.mm`` FLOP/s of n x n matrices, median over ``reps`` (current thread count)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    c = torch.empty(n, n)
+    for _ in range(warmup):
+        torch.mm(a, b, out=c)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b, out=c)
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(ts)
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x / 1e9:8.1f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8, help="images per step (one micro-batch)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--size", type=int, default=256, help="teacher and student input size")
+    ap.add_argument("--hidden", type=int, default=Config().stage2.adapter_hidden, help="adapter MLP width")
+    ap.add_argument("--teacher", default="vit_base_patch16_224", help="proxy geometry (timm name)")
+    ap.add_argument("--student", default="vit_small_patch16_224", help="student (timm name)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--matmul-n", type=int, default=2048, help="size of the reference fp32 matmul")
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = ap.parse_args(argv)
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        ap.error("--batch and --steps must be >= 1, --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+
+    t_build = time.perf_counter()
+    step = Stage2Step(args.batch, args.size, args.hidden, args.teacher, args.student)
+    t_build = time.perf_counter() - t_build
+
+    mm_rate = matmul_rate(args.matmul_n)
+    for _ in range(args.warmup):
+        step()
+    runs = [step() for _ in range(args.steps)]
+    flops = count_flops(step)
+    mm_rate_after = matmul_rate(args.matmul_n)  # bracket the steps: a drifting machine shows here
+
+    med = {k: statistics.median(r[k] for r in runs) for k in (*PHASES, "step")}
+    rows = {}
+    for key, label in (("step", "full step"), ("teacher", "teacher fwd (inference)"),
+                       ("student", "student fwd+bwd (+adapter, loss)"), ("optim", "clip + AdamW + sched")):
+        rate = flops[key] / med[key] if med[key] > 0 else 0.0
+        rows[key] = {
+            "label": label, "seconds": med[key], "images_per_s": args.batch / med[key], "flops": flops[key],
+            "flop_per_s": rate, "fraction_of_matmul": rate / mm_rate, "share_of_step_time": med[key] / med["step"],
+        }
+
+    print(f"EUPE stage-2 step: {args.teacher} (frozen, {step.teacher_params / 1e6:.1f}M) -> {args.student} "
+          f"+ TargetAdapter(hidden={args.hidden}) ({step.student_params / 1e6:.1f}M trainable), "
+          f"{args.size}px, batch {args.batch}, fp32, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, threads {threads}, warm-up {args.warmup}, median of {args.steps} steps, "
+          f"build {t_build:.1f}s")
+    print(f"fp32 torch.mm {args.matmul_n}x{args.matmul_n}: {mm_rate / 1e9:.1f} GFLOP/s "
+          f"(after the steps: {mm_rate_after / 1e9:.1f})")
+    print()
+    hdr = f"{'part':34s} {'ms':>9s} {'%time':>6s} {'img/s':>7s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'of mm':>6s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows.values():
+        print(f"{r['label']:34s} {r['seconds'] * 1e3:9.1f} {r['share_of_step_time'] * 100:5.1f}% "
+              f"{r['images_per_s']:7.2f} {r['flops'] / 1e9:8.1f} {_fmt_rate(r['flop_per_s'])} "
+              f"{r['fraction_of_matmul'] * 100:5.1f}%")
+    print()
+    frac = rows["step"]["fraction_of_matmul"]
+    print(f"full step: {rows['step']['images_per_s']:.2f} img/s, {rows['step']['flop_per_s'] / 1e9:.1f} GFLOP/s "
+          f"= {frac * 100:.1f}% of the fp32 matmul rate (goal >= 40%)")
+
+    out = {
+        "benchmark": "train_throughput", "stage": STAGE, "teacher": args.teacher, "student": args.student,
+        "size": args.size, "batch": args.batch, "adapter_hidden": args.hidden, "dtype": "float32",
+        "threads": threads, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+        "matmul": {"n": args.matmul_n, "flop_per_s": mm_rate, "flop_per_s_after": mm_rate_after},
+        "images_per_s": rows["step"]["images_per_s"], "flops_per_step": flops["step"],
+        "flop_per_s": rows["step"]["flop_per_s"], "fraction_of_matmul": frac,
+        "parts": rows, "step_seconds_all": [r["step"] for r in runs],
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,78 @@
+import hashlib
+
+import pytest
+import torch
+
+from eupe.cli import main
+from eupe.distill.normalize import StatsAccumulator, load_stats, save_stats
+from eupe.errors import EupeError
+
+
+def _stats_of(cls, patches, eps=1e-6):
+    acc = StatsAccumulator()
+    acc.add("cls", cls)
+    acc.add("patch", patches)
+    return acc.stats(eps)
+
+
+def test_stats_match_torch_mean_and_std():
+    g = torch.Generator().manual_seed(0)
+    cls = torch.randn(64, 12, generator=g) * 3 + 5
+    patches = torch.randn(64, 16, 20, generator=g) * 0.5 - 2
+    s = _stats_of(cls, patches)
+    torch.testing.assert_close(s.cls_mean, cls.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.cls_std, cls.std(0, unbiased=False) + 1e-6, rtol=1e-4, atol=1e-5)
+    flat = patches.reshape(-1, 20)
+    torch.testing.assert_close(s.patch_mean, flat.mean(0), rtol=1e-5, atol=1e-5)
+    n_cls, n_patch = s.apply(cls, patches)
+    assert n_cls.mean(0).abs().max() < 1e-4 and (n_cls.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    assert n_patch.reshape(-1, 20).mean(0).abs().max() < 1e-4
+
+
+def test_stats_stay_frozen_when_a_second_batch_is_normalized():
+    first = _stats_of(torch.randn(32, 8), torch.randn(32, 4, 8))
+    before = {k: v.clone() for k, v in first.__dict__.items()}
+    second_cls, second_patch = torch.randn(32, 8) * 10 + 3, torch.randn(32, 4, 8) * 10 + 3
+    out_cls, _ = first.apply(second_cls, second_patch)
+    for k, v in first.__dict__.items():
+        assert torch.equal(v, before[k]), k
+    # the second batch is normalized with the first batch's numbers, not its own
+    torch.testing.assert_close(out_cls, (second_cls - before["cls_mean"]) / before["cls_std"])
+    with pytest.raises(Exception):  # frozen dataclass: no way to update it in place by assignment
+        first.cls_mean = torch.zeros(8)
+
+
+def test_round_trip_through_the_artifact_is_exact(tmp_path):
+    stats = {"pecore": _stats_of(torch.randn(16, 6), torch.randn(16, 9, 10)),
+             "dinov3": _stats_of(torch.randn(16, 7), torch.randn(16, 4, 5))}
+    path = tmp_path / "norm.safetensors"
+    save_stats(str(path), stats, {"images": ["a.jpg", "b.jpg"]})
+    loaded, meta = load_stats(str(path))
+    assert meta == {"images": ["a.jpg", "b.jpg"]}
+    assert set(loaded) == set(stats)
+    for name, s in stats.items():
+        for k, v in s.__dict__.items():
+            assert torch.equal(getattr(loaded[name], k), v), (name, k)
+
+
+def test_corrupt_artifact_is_named(tmp_path):
+    path = tmp_path / "norm.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(EupeError, match="norm.safetensors"):
+        load_stats(str(path))
+
+
+def test_normalize_step_records_images_and_training_leaves_stats_untouched(tiny_config, tmp_path):
+    out = tmp_path / "norm1"
+    assert main(["normalize", "--config", str(tiny_config), "--stage", "1", "--out", str(out)]) == 0
+    stats, meta = load_stats(str(out / "norm.safetensors"))
+    assert set(stats) == {"pecore", "dinov3"}
+    assert stats["pecore"].dims == (48, 48) and stats["dinov3"].dims == (40, 40)
+    assert meta["num_images"] == 32 and len(set(meta["images"])) == 32
+    digest = hashlib.sha256((out / "norm.safetensors").read_bytes()).hexdigest()
+    assert main(["train", "--config", str(tiny_config), "--stage", "1", "--set", "stage1.iters=3",
+                 "--norm", str(out / "norm.safetensors"), "--out", str(tmp_path / "s1")]) == 0
+    assert hashlib.sha256((out / "norm.safetensors").read_bytes()).hexdigest() == digest
+    # re-running the step gives the same statistics (idempotent)
+    assert main(["normalize", "--config", str(tiny_config), "--stage", "1", "--out", str(tmp_path / "again")]) == 0
+    assert hashlib.sha256((tmp_path / "again" / "norm.safetensors").read_bytes()).hexdigest() == digest

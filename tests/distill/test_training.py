@@ -1,0 +1,213 @@
+"""The three training stages end to end on tiny CPU models, through the real ``eupe`` CLI.
+
+One module-scoped pipeline (normalize/train stages 1 -> 2 -> 3, in-process) backs the loss and
+resolution tests; resume and DDP run ``eupe train`` as subprocesses on stage 2, the cheapest stage,
+against a randomly initialised (seeded, hence identical in every process) proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_RECIPE
+from eupe.cli import main
+from eupe.results import read_result
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent  # the venv's console scripts: eupe, torchrun
+PYRAMID = [32, 48, 64]  # stage 3 student and teacher resolutions in TINY_RECIPE
+STAGE3_ITERS = 24
+RESUME_ITERS, RESUME_EVERY = 48, 4
+DDP_ITERS = 12
+TIMEOUT_S = 180
+
+
+def _eupe(*argv: object) -> None:
+    args = [str(a) for a in argv]
+    assert main(args) == 0, f"eupe {' '.join(args)} failed"
+
+
+def _env() -> dict[str, str]:
+    # One thread per process: runs that must agree bit for bit use the same reduction order, and
+    # the concurrent processes of a test do not fight over a small machine's cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _spawn(cmd: list[object], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as f:  # a file, not a PIPE nobody reads: tqdm would fill it and block
+        return subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=_env())
+
+
+def _finish(proc: subprocess.Popen, log: Path) -> None:
+    try:
+        rc = proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{proc.args} still running after {TIMEOUT_S}s: {log.read_text()[-3000:]}") from None
+    assert rc == 0, f"{proc.args} exited {rc}: {log.read_text()[-3000:]}"
+
+
+def _losses(out: Path) -> dict:
+    return json.loads((out / "losses.json").read_text())
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys(), f"{a} and {b} hold different tensors"
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs between {a} and {b}: max |diff| {(ta[k] - tb[k]).abs().max()}"
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    path.write_text(TINY_RECIPE.format(data=tiny_data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """normalize(1) -> train(1) -> normalize(2) -> train(2) -> normalize(3) -> train(3), as `eupe demo` chains them."""
+    out = tmp_path_factory.mktemp("pipeline")
+    cfg = ["--config", recipe, "--set", f"stage3.iters={STAGE3_ITERS}"]
+    dirs = {f"{step}{n}": out / f"{step}{n}" for step in ("norm", "stage") for n in (1, 2, 3)}
+
+    _eupe("normalize", *cfg, "--stage", 1, "--out", dirs["norm1"])
+    _eupe("train", *cfg, "--stage", 1, "--norm", dirs["norm1"] / "norm.safetensors", "--out", dirs["stage1"])
+    proxy = ["--proxy", dirs["stage1"] / "encoder.safetensors"]
+    _eupe("normalize", *cfg, *proxy, "--stage", 2, "--out", dirs["norm2"])
+    _eupe("train", *cfg, *proxy, "--stage", 2, "--norm", dirs["norm2"] / "norm.safetensors", "--out", dirs["stage2"])
+    init = Path(read_result(dirs["stage2"])["artifacts"]["checkpoint"]) / "model.safetensors"
+    _eupe("normalize", *cfg, *proxy, "--stage", 3, "--out", dirs["norm3"])
+    _eupe("train", *cfg, *proxy, "--init", init, "--stage", 3, "--norm", dirs["norm3"] / "norm.safetensors",
+          "--out", dirs["stage3"])
+    return dirs
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_lowers_its_loss(pipeline: dict[str, Path], stage: int) -> None:
+    result = read_result(pipeline[f"stage{stage}"])
+    m = result["metrics"]
+    assert result["status"] == "ok"
+    assert m["last_loss"] < m["first_loss"], f"stage {stage} loss did not go down: {m['first_loss']} -> {m['last_loss']}"
+    for name, per in m["loss_per_target"].items():
+        assert per["last"] < per["first"], f"stage {stage} loss against {name} did not go down: {per}"
+    assert m["steps"] == len(_losses(pipeline[f"stage{stage}"])["loss"]) > 0
+    assert m["images_per_s"] > 0
+    ckpt = Path(result["artifacts"]["checkpoint"])
+    assert ckpt.name == f"step_{m['steps']:08d}" and (ckpt / "model.safetensors").is_file()
+
+
+def test_stage1_distils_heterogeneous_teachers(pipeline: dict[str, Path]) -> None:
+    dims = read_result(pipeline["norm1"])["metrics"]["dims"]
+    assert sorted(dims) == ["dinov3", "pecore"]
+    assert dims["pecore"] != dims["dinov3"], f"teachers should differ in width: {dims}"
+    per_target = read_result(pipeline["stage1"])["metrics"]["loss_per_target"]
+    assert sorted(per_target) == ["dinov3", "pecore"]
+    later = read_result(pipeline["stage2"])["metrics"]["loss_per_target"]
+    assert sorted(later) == ["proxy"], "stages 2 and 3 distil from the proxy alone"
+
+
+def test_stage3_draws_teacher_and_student_resolutions_independently(pipeline: dict[str, Path]) -> None:
+    drawn = _losses(pipeline["stage3"])["resolutions"]
+    assert len(drawn) == STAGE3_ITERS
+    assert all(set(d) == {"student", "proxy"} for d in drawn), drawn[0]
+    student, proxy = [d["student"] for d in drawn], [d["proxy"] for d in drawn]
+    assert sorted(set(student)) == PYRAMID, f"student sizes drawn: {student}"
+    assert sorted(set(proxy)) == PYRAMID, f"proxy sizes drawn: {proxy}"
+    assert any(s != p for s, p in zip(student, proxy)), "student and proxy never drew different sizes"
+    assert any(s == p for s, p in zip(student, proxy)), "student and proxy never drew the same size"
+    # stages 1 and 2 have a single resolution: nothing to draw
+    assert {d["student"] for d in _losses(pipeline["stage2"])["resolutions"]} == {32}
+
+
+@pytest.fixture(scope="module")
+def stage2_norm(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stage-2 statistics of a randomly initialised proxy (no --proxy): no stage 1 needed."""
+    out = tmp_path_factory.mktemp("norm2")
+    _eupe("normalize", "--config", recipe, "--stage", 2, "--out", out)
+    return out / "norm.safetensors"
+
+
+def _stage2_cmd(recipe: Path, norm: Path, out: Path, iters: int, *extra: object) -> list[object]:
+    return [BIN / "eupe", "train", "--config", recipe, "--stage", 2, "--norm", norm, "--out", out,
+            "--set", f"stage2.iters={iters}", "--set", f"stage2.checkpoint_every={RESUME_EVERY}", *extra]
+
+
+def _latest_step(out: Path) -> int:
+    marker = out / "checkpoints" / "latest.json"
+    try:
+        return json.loads(marker.read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet (it is replaced atomically)
+        return 0
+
+
+def test_killed_and_resumed_run_matches_uninterrupted_run(recipe: Path, stage2_norm: Path, tmp_path: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = _spawn(_stage2_cmd(recipe, stage2_norm, whole, RESUME_ITERS), tmp_path / "whole.log")
+    victim = _spawn(_stage2_cmd(recipe, stage2_norm, killed, RESUME_ITERS), tmp_path / "killed.log")
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while _latest_step(killed) < RESUME_EVERY:
+            assert victim.poll() is None, f"run ended before its first checkpoint: {(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.02)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = _latest_step(killed)
+    assert killed_at < RESUME_ITERS and not (killed / "result.json").exists(), \
+        f"the run finished (step {killed_at}) before it was killed: raise RESUME_ITERS"
+
+    resumed = _spawn(_stage2_cmd(recipe, stage2_norm, killed, RESUME_ITERS, "--resume"), tmp_path / "resumed.log")
+    _finish(resumed, tmp_path / "resumed.log")
+    _finish(reference, tmp_path / "whole.log")
+
+    assert read_result(killed)["metrics"]["steps_this_run"] == RESUME_ITERS - killed_at, "did not resume from the checkpoint"
+    _assert_same_weights(killed / "encoder.safetensors", whole / "encoder.safetensors")
+    kept = sorted(p.name for p in (whole / "checkpoints").glob("step_*"))
+    assert kept == [f"step_{s:08d}" for s in (RESUME_ITERS - RESUME_EVERY, RESUME_ITERS)]
+    assert sorted(p.name for p in (killed / "checkpoints").glob("step_*")) == kept
+    for name in kept:
+        _assert_same_weights(killed / "checkpoints" / name / "model.safetensors",
+                             whole / "checkpoints" / name / "model.safetensors")
+    assert _losses(killed) == _losses(whole)  # history before the kill comes back from the checkpoint
+
+
+def test_two_process_ddp_matches_one_process_with_accumulation(recipe: Path, stage2_norm: Path, tmp_path: Path) -> None:
+    """Global batch 8 = 2 ranks x 1 micro batch of 4 (gloo) vs 1 rank x 2 accumulated micro batches."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    train_args = ["train", "--config", recipe, "--stage", 2, "--norm", stage2_norm, "--set", f"stage2.iters={DDP_ITERS}"]
+    procs = [
+        (_spawn([BIN / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "eupe.cli", *train_args, "--out", ddp],
+                tmp_path / "ddp.log"), tmp_path / "ddp.log"),
+        (_spawn([BIN / "eupe", *train_args, "--out", single], tmp_path / "single.log"), tmp_path / "single.log"),
+    ]
+    for proc, log in procs:
+        _finish(proc, log)
+
+    m_ddp, m_single = read_result(ddp)["metrics"], read_result(single)["metrics"]
+    assert (m_ddp["world_size"], m_ddp["accumulation"]) == (2, 1)
+    assert (m_single["world_size"], m_single["accumulation"]) == (1, 2)
+    a, b = _losses(ddp), _losses(single)
+    assert a["resolutions"] == b["resolutions"]
+    assert len(a["loss"]) == len(b["loss"]) == DDP_ITERS
+    rel = max(abs(x - y) / abs(y) for x, y in zip(a["loss"], b["loss"]))
+    print(f"DDP vs single process: max relative loss difference {rel:.3g}")
+    torch.testing.assert_close(torch.tensor(a["loss"]), torch.tensor(b["loss"]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(a["per_target"]["proxy"]), torch.tensor(b["per_target"]["proxy"]), rtol=1e-3, atol=0)
+    assert b["loss"][-1] < b["loss"][0]
