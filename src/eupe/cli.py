@@ -10,19 +10,13 @@ import logging
 import sys
 from pathlib import Path
 
+from eupe.commands import config_args, load
+from eupe.data import commands as data_commands
 from eupe.errors import EupeError
 
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe (default: the paper's numbers)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set stage2.lr=1e-4 (repeatable)")
-
-
-def _load(args: argparse.Namespace, extra: list[str] | None = None):
-    from eupe.config import load_config
-
-    return load_config(args.config, [*args.overrides, *(extra or [])])
+# Modules with a ``register(subparsers)`` that adds top-level steps (kept out of this file so that
+# each step's flags live next to its code).
+STEP_COMMANDS: list = []
 
 
 def _stage_inputs(args: argparse.Namespace) -> list[str]:
@@ -35,18 +29,10 @@ def _stage_inputs(args: argparse.Namespace) -> list[str]:
     return extra
 
 
-def cmd_synth(args: argparse.Namespace) -> None:
-    from eupe.data.synth import synthesize
-
-    size = args.size[0] if len(args.size) == 1 else tuple(args.size)
-    info = synthesize(Path(args.out), args.num_images, size=size, seed=args.seed, fmt=args.format, num_classes=args.classes)
-    print(f"{len(info['files'])} images in {args.out}")
-
-
 def cmd_normalize(args: argparse.Namespace) -> None:
     from eupe.distill.normalize import run_normalize
 
-    cfg = _load(args, _stage_inputs(args))
+    cfg = load(args, _stage_inputs(args))
     result = run_normalize(cfg, args.stage, Path(args.out))
     print(result["artifacts"]["stats"])
 
@@ -54,7 +40,7 @@ def cmd_normalize(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from eupe.distill.trainer import train
 
-    cfg = _load(args, _stage_inputs(args))
+    cfg = load(args, _stage_inputs(args))
     result = train(cfg, args.stage, Path(args.out), norm=args.norm, init=args.init, resume=args.resume)
     if result:
         m = result["metrics"]
@@ -65,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_config(args: argparse.Namespace) -> None:
     from eupe.config import dump_config
 
-    print(dump_config(_load(args)), end="")
+    print(dump_config(load(args)), end="")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -80,17 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<step>")
 
     data = sub.add_parser("data", help="dataset steps").add_subparsers(dest="data_command", required=True, metavar="<action>")
-    p = data.add_parser("synth", help="write a synthetic image-folder dataset (procedural scenes with class labels)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num-images", type=int, default=512)
-    p.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX", help="side, or MIN MAX for varied sizes")
-    p.add_argument("--classes", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", default="jpg", choices=["jpg", "png"])
-    p.set_defaults(func=cmd_synth)
+    data_commands.register(data)
 
     p = sub.add_parser("normalize", help="frozen per-target feature mean/std for a stage")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True)
     p.add_argument("--data", help="dataset URI (overrides data.root)")
     p.add_argument("--proxy", help="proxy weights for stages 2 and 3 (overrides proxy.weights)")
@@ -98,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_normalize)
 
     p = sub.add_parser("train", help="run one distillation stage")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True)
     p.add_argument("--data", help="dataset URI (overrides data.root)")
     p.add_argument("--norm", required=True, help="norm.safetensors from `eupe normalize` for this stage")
@@ -109,13 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="print the resolved config")
-    _config_args(p)
+    config_args(p)
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("demo", help="synthesize data, normalize and run stages 1-3 on the CPU; print a summary table")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--out", default="artifacts/demo")
     p.set_defaults(func=cmd_demo)
+
+    for module in STEP_COMMANDS:  # evaluation, export, latency, ...: each module declares its own
+        module.register(sub)
     return parser
 
 

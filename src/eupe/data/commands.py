@@ -1,0 +1,26 @@
+"""``eupe data ...`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from eupe.data.synth import synthesize
+
+    size = args.size[0] if len(args.size) == 1 else tuple(args.size)
+    info = synthesize(Path(args.out), args.num_images, size=size, seed=args.seed, fmt=args.format, num_classes=args.classes)
+    print(f"{len(info['files'])} images in {args.out}")
+
+
+def register(data: argparse._SubParsersAction) -> None:
+    """Add the actions of ``eupe data``."""
+    p = data.add_parser("synth", help="write a synthetic image-folder dataset (procedural scenes with class labels)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num-images", type=int, default=512)
+    p.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX", help="side, or MIN MAX for varied sizes")
+    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="jpg", choices=["jpg", "png"])
+    p.set_defaults(func=cmd_synth)
