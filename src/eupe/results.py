@@ -22,9 +22,10 @@ def write_result(out: Path | str, step: str, metrics: dict[str, Any], artifacts:
     return result
 
 
-def window_mean(values: list[float], fraction: float = 0.1) -> tuple[float, float]:
-    """Mean of the first and of the last ``fraction`` of a curve (at least one point each)."""
-    w = max(1, int(len(values) * fraction))
+def window_mean(values: list[float], fraction: float = 0.2, cap: int = 100) -> tuple[float, float]:
+    """Mean of the first and of the last ``fraction`` of a curve (1 to ``cap`` points each): per-step
+    losses are noisy, and in stage 3 they depend on the resolutions each step drew."""
+    w = min(cap, max(1, int(len(values) * fraction)))
     return sum(values[:w]) / w, sum(values[-w:]) / w
 
 

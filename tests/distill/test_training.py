@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,9 +35,24 @@ DDP_ITERS = 12
 TIMEOUT_S = 180
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """In-process runs on one thread: OpenMP threads spin-waiting for a core that another process
+    holds make tiny models tens of times slower on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _eupe(*argv: object) -> None:
+    """``eupe ARGV`` in this process."""
     args = [str(a) for a in argv]
-    assert main(args) == 0, f"eupe {' '.join(args)} failed"
+    with _one_thread():
+        rc = main(args)
+    assert rc == 0, f"eupe {' '.join(args)} failed"
 
 
 def _env() -> dict[str, str]:
@@ -44,18 +61,30 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _spawn(cmd: list[object], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as f:  # a file, not a PIPE nobody reads: tqdm would fill it and block
-        return subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=_env())
+@pytest.fixture
+def spawn() -> Iterator[Callable[[list[object], Path], subprocess.Popen]]:
+    """Start a command in its own session, output to a log file; whatever still runs at teardown
+    (a failed test) is killed with its children (torchrun's workers)."""
+    started: list[subprocess.Popen] = []
+
+    def start(cmd: list[object], log: Path) -> subprocess.Popen:
+        with open(log, "wb") as f:  # a file, not a PIPE nobody reads: tqdm would fill it and block
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=_env(), start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _finish(proc: subprocess.Popen, log: Path) -> None:
     try:
         rc = proc.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
         raise AssertionError(f"{proc.args} still running after {TIMEOUT_S}s: {log.read_text()[-3000:]}") from None
     assert rc == 0, f"{proc.args} exited {rc}: {log.read_text()[-3000:]}"
 
@@ -155,10 +184,10 @@ def _latest_step(out: Path) -> int:
         return 0
 
 
-def test_killed_and_resumed_run_matches_uninterrupted_run(recipe: Path, stage2_norm: Path, tmp_path: Path) -> None:
+def test_killed_and_resumed_run_matches_uninterrupted_run(recipe: Path, stage2_norm: Path, tmp_path: Path, spawn) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    reference = _spawn(_stage2_cmd(recipe, stage2_norm, whole, RESUME_ITERS), tmp_path / "whole.log")
-    victim = _spawn(_stage2_cmd(recipe, stage2_norm, killed, RESUME_ITERS), tmp_path / "killed.log")
+    reference = spawn(_stage2_cmd(recipe, stage2_norm, whole, RESUME_ITERS), tmp_path / "whole.log")
+    victim = spawn(_stage2_cmd(recipe, stage2_norm, killed, RESUME_ITERS), tmp_path / "killed.log")
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while _latest_step(killed) < RESUME_EVERY:
@@ -173,7 +202,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(recipe: Path, stage2_n
     assert killed_at < RESUME_ITERS and not (killed / "result.json").exists(), \
         f"the run finished (step {killed_at}) before it was killed: raise RESUME_ITERS"
 
-    resumed = _spawn(_stage2_cmd(recipe, stage2_norm, killed, RESUME_ITERS, "--resume"), tmp_path / "resumed.log")
+    resumed = spawn(_stage2_cmd(recipe, stage2_norm, killed, RESUME_ITERS, "--resume"), tmp_path / "resumed.log")
     _finish(resumed, tmp_path / "resumed.log")
     _finish(reference, tmp_path / "whole.log")
 
@@ -188,14 +217,14 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(recipe: Path, stage2_n
     assert _losses(killed) == _losses(whole)  # history before the kill comes back from the checkpoint
 
 
-def test_two_process_ddp_matches_one_process_with_accumulation(recipe: Path, stage2_norm: Path, tmp_path: Path) -> None:
+def test_two_process_ddp_matches_one_process_with_accumulation(recipe: Path, stage2_norm: Path, tmp_path: Path, spawn) -> None:
     """Global batch 8 = 2 ranks x 1 micro batch of 4 (gloo) vs 1 rank x 2 accumulated micro batches."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     train_args = ["train", "--config", recipe, "--stage", 2, "--norm", stage2_norm, "--set", f"stage2.iters={DDP_ITERS}"]
     procs = [
-        (_spawn([BIN / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "eupe.cli", *train_args, "--out", ddp],
+        (spawn([BIN / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "eupe.cli", *train_args, "--out", ddp],
                 tmp_path / "ddp.log"), tmp_path / "ddp.log"),
-        (_spawn([BIN / "eupe", *train_args, "--out", single], tmp_path / "single.log"), tmp_path / "single.log"),
+        (spawn([BIN / "eupe", *train_args, "--out", single], tmp_path / "single.log"), tmp_path / "single.log"),
     ]
     for proc, log in procs:
         _finish(proc, log)
@@ -211,3 +240,34 @@ def test_two_process_ddp_matches_one_process_with_accumulation(recipe: Path, sta
     torch.testing.assert_close(torch.tensor(a["loss"]), torch.tensor(b["loss"]), rtol=1e-3, atol=0)
     torch.testing.assert_close(torch.tensor(a["per_target"]["proxy"]), torch.tensor(b["per_target"]["proxy"]), rtol=1e-3, atol=0)
     assert b["loss"][-1] < b["loss"][0]
+    wa, wb = load_file(str(ddp / "encoder.safetensors")), load_file(str(single / "encoder.safetensors"))
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"encoder {k}: {m}")
+
+
+def test_checkpoint_pruning_ignores_and_removes_leftovers_of_a_killed_save(tmp_path: Path) -> None:
+    """A run killed mid-save leaves ``step_N.tmp-*``; it must not count as (or displace) a checkpoint."""
+    from eupe.distill import checkpoint
+
+    weights = {"w": torch.zeros(2)}
+    for step in (4, 8):
+        checkpoint.save(tmp_path, step, weights, {})
+    leftover = tmp_path / "step_00000012.tmp-123-abcd"
+    leftover.mkdir()
+    (leftover / checkpoint.MODEL_FILE).write_bytes(b"partial")
+    for step in (12, 16):
+        checkpoint.save(tmp_path, step, weights, {})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000012", "step_00000016"]
+    assert checkpoint.latest(tmp_path) == tmp_path / "step_00000016"
+
+
+def test_latest_falls_back_to_newest_complete_checkpoint_when_marker_dangles(tmp_path):
+    import torch
+
+    from eupe.distill import checkpoint
+
+    for step in (4, 8):
+        checkpoint.save(tmp_path, step, {"w": torch.ones(2) * step}, {"history": {}})
+    (tmp_path / "latest.json").write_text('{"step": 12, "path": "step_00000012"}')  # killed mid-save of step 12
+    assert checkpoint.latest(tmp_path) == tmp_path / "step_00000008"
+    assert checkpoint.latest(tmp_path / "missing") is None

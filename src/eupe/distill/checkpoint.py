@@ -53,17 +53,23 @@ def prune(root: Path, keep: int) -> None:
     ``.tmp-*`` / ``.old-*`` leftovers of a run killed mid-save would otherwise sort among the
     checkpoints and push real ones out (only rank 0 writes here, so none of them is in use)."""
     entries = list(root.glob("step_*"))
-    complete = sorted(p for p in entries if p.name.removeprefix("step_").isdigit())
-    for path in set(entries) - set(complete[-keep:]):
+    for path in set(entries) - set(_complete(root)[-keep:]):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _complete(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step_*") if p.name.removeprefix("step_").isdigit() and (p / STATE_FILE).is_file())
+
+
 def latest(root: Path) -> Path | None:
+    """The checkpoint ``latest.json`` names; if a kill mid-save left it dangling, the newest complete one."""
     marker = root / "latest.json"
-    if not marker.is_file():
-        return None
-    path = root / storage.read_json(str(marker))["path"]
-    return path if (path / STATE_FILE).is_file() else None
+    if marker.is_file():
+        path = root / storage.read_json(str(marker))["path"]
+        if (path / STATE_FILE).is_file():
+            return path
+    done = _complete(root) if root.is_dir() else []
+    return done[-1] if done else None
 
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

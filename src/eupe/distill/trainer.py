@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,11 @@ def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict
     ckpt_dir = out / "checkpoints"
     history, start = History(), 0
     last = checkpoint.latest(ckpt_dir) if resume else None
+    if resume and last is None:
+        log.warning("--resume: no complete checkpoint under %s, starting from step 0", ckpt_dir)
+    if last is None and rt.is_main and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # a fresh run: an older run's checkpoints must not outrank this one's
+    rt.barrier()
     if last is not None:
         weights, state = checkpoint.load(last)
         model.load_state_dict(weights)
