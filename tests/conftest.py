@@ -113,6 +113,7 @@ teachers:
 proxy: {{model: vit_pe_core_gigantic_patch14_448, img_size: 56, kwargs: {{embed_dim: 64, depth: 2, num_heads: 2}}}}
 student: {{model: vit_t, img_size: 32, kwargs: {{embed_dim: 48, depth: 2, num_heads: 2}}}}
 normalization: {{num_images: 32, batch_size: 16}}
+validation: {{min_side: 32}}  # tiny images (48-80 px): the stage-2 student resolution
 stage1: {{iters: 12, batch_size: 8, micro_batch_size: 4, lr: 2.0e-3, warmup_iters: 2, adapter_hidden: 32,
           resolutions: [56], checkpoint_every: 4, log_every: 4}}
 stage2: {{iters: 12, batch_size: 8, micro_batch_size: 4, lr: 2.0e-3, warmup_iters: 2, adapter_hidden: 64,

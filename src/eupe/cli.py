@@ -13,17 +13,19 @@ from pathlib import Path
 from eupe.commands import config_args, load
 from eupe.data import commands as data_commands
 from eupe.errors import EupeError
+from eupe.evaluate import commands as evaluate_commands
+from eupe.export import commands as export_commands
 
 # Modules with a ``register(subparsers)`` that adds top-level steps (kept out of this file so that
 # each step's flags live next to its code).
-STEP_COMMANDS: list = []
+STEP_COMMANDS: list = [evaluate_commands, export_commands]
 
 
 def _stage_inputs(args: argparse.Namespace) -> list[str]:
     """Input URIs given as flags become config overrides, so a step's inputs are explicit on its command line."""
     extra = []
     if getattr(args, "data", None):
-        extra.append(f"data.root={args.data}")
+        extra += [f"data.root={args.data}", "data.sources=[]"]  # --data replaces a configured mixture
     if getattr(args, "proxy", None):
         extra.append(f"proxy.weights={args.proxy}")
     return extra
@@ -33,7 +35,7 @@ def cmd_normalize(args: argparse.Namespace) -> None:
     from eupe.distill.normalize import run_normalize
 
     cfg = load(args, _stage_inputs(args))
-    result = run_normalize(cfg, args.stage, Path(args.out))
+    result = run_normalize(cfg, args.stage, Path(args.out), manifest=args.manifest)
     print(result["artifacts"]["stats"])
 
 
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True)
     p.add_argument("--data", help="dataset URI (overrides data.root)")
     p.add_argument("--proxy", help="proxy weights for stages 2 and 3 (overrides proxy.weights)")
+    p.add_argument("--manifest", help="manifest.parquet of --data (eupe data scan): draw the batch stratified by "
+                                      "domain and class, without undecodable files and outliers")
     p.add_argument("--out", required=True, help="output folder (norm.safetensors, result.json)")
     p.set_defaults(func=cmd_normalize)
 

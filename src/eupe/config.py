@@ -53,8 +53,19 @@ class NormalizationConfig(_Strict):
     eps: float = Field(default=1e-6, gt=0)
 
 
+class SourceSpec(_Strict):
+    """One dataset of the training mix: an image folder or .tar shards (a glob or a prefix), local or s3://."""
+
+    uri: str = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0)  # relative share of the samples, e.g. 0.9 LVD + 0.1 IN-1k
+    domain: str | None = None  # recorded per sample (manifest, balance checks); None: what the source says
+
+
 class DataConfig(_Strict):
     root: str = "artifacts/demo/data"
+    # Weighted mixture (the paper's best: 90% LVD + 10% IN-1k). Empty: ``root`` alone.
+    sources: list[SourceSpec] = Field(default_factory=list)
+    shuffle_buffer: int = Field(default=1000, gt=0)  # samples held per reader when streaming .tar shards
     num_workers: int = Field(default=4, ge=0)
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: bool = True
@@ -64,6 +75,48 @@ class DataConfig(_Strict):
     def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError(f"need 0 < min <= max <= 1, got {list(v)}")
+        return v
+
+
+Severity = Literal["fail", "warn"]
+
+
+class ValidationSeverity(_Strict):
+    """What a broken expectation does: "fail" stops the pipeline (non-zero exit), "warn" only reports."""
+
+    decodable: Severity = "fail"
+    formats: Severity = "fail"
+    min_side: Severity = "fail"
+    resolution_buckets: Severity = "warn"
+    class_balance: Severity = "fail"
+    domain_balance: Severity = "warn"
+    duplicates: Severity = "fail"
+    outliers: Severity = "warn"
+
+
+class ValidationConfig(_Strict):
+    """The data gate (``eupe data validate``): a Great Expectations suite over the scan manifest."""
+
+    min_side: int = Field(default=256, gt=0)  # shortest image side, px (the paper's stage-2 resolution)
+    allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "MPO", "PNG", "WEBP"], min_length=1)
+    # Images whose shortest side is >= r, per stage-3 resolution r: one count for all, or {r: count}.
+    min_per_bucket: int | dict[int, int] = 1
+    max_class_ratio: float = Field(default=3.0, ge=1)  # largest / smallest class count
+    max_domain_ratio: float = Field(default=20.0, ge=1)  # largest / smallest domain count
+    outlier_z: float = Field(default=6.0, gt=0)  # robust z (median/MAD) of per-image channel mean/std
+    max_pixels: int = Field(default=178_956_970, gt=0)  # larger headers are refused undecoded (PIL's limit)
+    severity: ValidationSeverity = ValidationSeverity()
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [f.upper() for f in v]
+
+    @field_validator("min_per_bucket")
+    @classmethod
+    def _counts(cls, v: int | dict[int, int]) -> int | dict[int, int]:
+        if any(c < 0 for c in ([v] if isinstance(v, int) else v.values())):
+            raise ValueError(f"image counts must be >= 0, got {v}")
         return v
 
 
@@ -100,6 +153,77 @@ class StageConfig(_Strict):
         return self
 
 
+# Metrics the quality gate knows, with their direction: True = higher is better.
+GATED_METRICS: dict[str, bool] = {
+    "knn_top1": True, "seg_miou": True, "depth_rmse": False, "depth_delta1": True, "keypoint_pck": True, "fidelity": True,
+}
+
+
+class EvalConfig(_Strict):
+    """``eupe evaluate``: frozen-feature probes (k-NN as in DINO, linear seg/depth, PCK@0.1) and the quality gate."""
+
+    resolution: int | None = Field(default=None, gt=0)  # None: the evaluated model's img_size
+    label_size: int = Field(default=128, gt=0)  # masks/depth compared at min(label_size, resolution)
+    max_images: int = Field(default=2000, gt=1)
+    heldout_fraction: float = Field(default=0.25, gt=0, lt=1)
+    batch_size: int = Field(default=32, gt=0)
+    knn_k: int = Field(default=20, gt=0)
+    knn_temperature: float = Field(default=0.07, gt=0)
+    probe_epochs: int = Field(default=20, gt=0)
+    probe_lr: float = Field(default=1e-3, gt=0)
+    probe_weight_decay: float = Field(default=1e-4, ge=0)
+    probe_batch_size: int = Field(default=16, gt=0)
+    depth_ridge: float = Field(default=1e-3, ge=0)  # the depth probe is a closed-form ridge regression
+    ignore_index: int = Field(default=255, ge=0)  # mask value that is not scored (ADE20k-style "unlabelled")
+    warp_strength: float = Field(default=0.15, ge=0, lt=0.5)  # corner jitter of the keypoint homography, fraction of the side
+    pck_alpha: float = Field(default=0.1, gt=0)
+    # Absolute tolerated drop (rise for depth_rmse) against a baseline eval.json, per metric.
+    tolerances: dict[str, float] = Field(default_factory=lambda: {
+        "knn_top1": 0.01, "seg_miou": 0.01, "depth_rmse": 0.02, "depth_delta1": 0.01, "keypoint_pck": 0.01, "fidelity": 0.01,
+    })
+
+    @field_validator("tolerances")
+    @classmethod
+    def _known(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(GATED_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown} (known: {sorted(GATED_METRICS)})")
+        bad = sorted(k for k, t in v.items() if t < 0)
+        if bad:
+            raise ValueError(f"tolerances must be >= 0: {bad}")
+        return v
+
+
+class ExportConfig(_Strict):
+    """``eupe export``: ExecuTorch ``.pte`` per input size (static shapes, XNNPACK), optional int8 PTQ, parity vs eager."""
+
+    resolutions: list[int] = Field(default_factory=lambda: [256], min_length=1)  # the paper's edge figure is at 256 px
+    int8: bool = True  # also write an int8 .pte (XNNPACK quantizer, per-channel symmetric, post-training)
+    calibration_images: int = Field(default=32, gt=0)  # int8 observers see this many dataset images
+    parity_images: int = Field(default=4, gt=0)  # images compared between the .pte and eager PyTorch
+    fp32_min_cosine: float = Field(default=0.999, gt=0, le=1)
+    int8_min_cosine: float = Field(default=0.95, gt=0, le=1)
+    require_full_delegation: bool = False  # XNNPACK 1.5 leaves LayerNorm to portable kernels: off by default
+
+    @field_validator("resolutions")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if any(r <= 0 for r in v) or len(set(v)) != len(v):
+            raise ValueError(f"sizes must be positive and distinct, got {v}")
+        return v
+
+
+class LatencyConfig(_Strict):
+    """``eupe latency``: timed runs of a ``.pte`` here (ExecuTorch runtime) or on a phone (adb), against a budget."""
+
+    warmup: int = Field(default=5, ge=0)
+    runs: int = Field(default=30, gt=0)
+    budgets: str | None = None  # YAML of device class x model x resolution -> ms (configs/latency_budgets.yaml)
+    device_class: str = "ci-cpu"
+    executor_runner: str | None = None  # ExecuTorch's executor_runner built for the phone (adb only)
+    adb_workdir: str = "/data/local/tmp/eupe"
+
+
 def _paper_teachers() -> list[TeacherSpec]:
     return [
         TeacherSpec(name="pecore_g", model="vit_pe_core_gigantic_patch14_448", img_size=448),
@@ -120,6 +244,10 @@ class Config(_Strict):
     student: ModelSpec = ModelSpec(model="vit_base_patch16_224", img_size=256)
     loss: LossConfig = LossConfig()
     normalization: NormalizationConfig = NormalizationConfig()
+    validation: ValidationConfig = ValidationConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    latency: LatencyConfig = LatencyConfig()
     stage1: StageConfig = StageConfig(
         iters=390_000, batch_size=8192, lr=2e-5, adapter_hidden=1536, resolutions=[448]
     )

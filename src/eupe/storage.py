@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import boto3
 from botocore.config import Config
@@ -38,6 +38,7 @@ __all__ = [
     "is_s3",
     "list_uris",
     "local_copy",
+    "open_read",
     "read_bytes",
     "read_json",
     "split_s3",
@@ -225,6 +226,31 @@ def read_bytes(uri: PathLike) -> bytes:
         raise EupeError(f"file not found: {uri}") from e
     except OSError as e:
         raise EupeError(f"cannot read {uri}: {e.strerror or e}") from e
+
+
+@contextmanager
+def open_read(uri: PathLike) -> Iterator[BinaryIO]:
+    """A sequential binary reader over a local file or an S3 object (boto3's streaming body), so a
+    large object (a .tar shard) is read in constant memory. Errors name ``uri``."""
+    if not is_s3(uri):
+        try:
+            f = open(uri, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError as e:
+            raise EupeError(f"file not found: {uri}") from e
+        except OSError as e:
+            raise EupeError(f"cannot read {uri}: {e.strerror or e}") from e
+        with f:
+            yield f
+        return
+    bucket, key = _object(str(uri))
+    try:
+        body = _client().get_object(Bucket=bucket, Key=key)["Body"]
+    except (ClientError, BotoCoreError) as e:
+        raise _s3_error("read", str(uri), e) from e
+    try:
+        yield body
+    finally:
+        body.close()
 
 
 def write_bytes(uri: PathLike, data: bytes) -> None:

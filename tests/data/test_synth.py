@@ -328,3 +328,56 @@ def test_sample_scene_validates_label() -> None:
         assert {s.kind for s in scene.shapes} <= {0, 1}
         assert all(s.kind == 0 for s in scene.shapes[1:])
     assert math.isfinite(scene.bg_depth)
+
+
+# --------------------------------------------------------------------------- dense labels (evaluation)
+
+
+def test_dense_writes_masks_and_millimetre_depth_that_match_the_render(tmp_path: Path) -> None:
+    manifest = synthesize(tmp_path / "ds", 6, size=(20, 40), seed=11, fmt="png", num_classes=3, dense=True)
+    assert manifest["params"]["dense"] is True
+    assert len(manifest["labels"]) == 12
+    for i, rel in enumerate(manifest["files"]):
+        scene, h, w = image_spec(11, i, (20, 40), num_classes=3)
+        image, mask, depth = render(scene, h, w)
+        stem = rel.rsplit(".", 1)[0]
+        assert f"{stem}.mask.png" in manifest["labels"] and f"{stem}.depth.png" in manifest["labels"]
+        with Image.open(tmp_path / "ds" / f"{stem}.mask.png") as m, Image.open(tmp_path / "ds" / f"{stem}.depth.png") as d:
+            assert m.mode == "L" and d.mode.startswith("I;16") and m.size == d.size == (w, h)
+            np.testing.assert_array_equal(np.asarray(m), mask)
+            mm = np.asarray(d).astype(np.int64)
+        np.testing.assert_array_equal(mm, np.rint(depth * 1000).astype(np.int64))
+        assert mm.min() >= 1000 and mm.max() <= 10000  # shapes at 1-7.5 m, background at 8-10 m
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ds" / rel)), image)
+
+
+def test_dense_labels_are_not_images_of_the_dataset(tmp_path: Path) -> None:
+    from eupe.data.folder import open_source
+
+    synthesize(tmp_path / "ds", 8, size=32, num_classes=2, fmt="png", dense=True)
+    source = open_source(str(tmp_path / "ds"))
+    assert len(source) == 8
+    assert not any(source.uri(i).endswith((".mask.png", ".depth.png")) for i in range(len(source)))
+
+
+def test_dense_runs_are_idempotent_and_complete(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    first = synthesize(out, 6, size=32, dense=True)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert synthesize(out, 6, size=32, dense=True) == first
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    victim = out / first["labels"][3]
+    victim.unlink()  # a missing label makes the run incomplete: regenerated
+    synthesize(out, 6, size=32, dense=True)
+    assert victim.is_file()
+    plain = synthesize(out, 6, size=32)  # image-only parameters replace the dense run
+    assert "dense" not in plain["params"] and "labels" not in plain
+    assert not list(out.rglob("*.mask.png")) and not list(out.rglob("*.depth.png"))
+
+
+def test_synth_cli_dense_flag(tmp_path: Path) -> None:
+    from eupe.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "ds"), "--num-images", "4", "--size", "32", "--dense"]) == 0
+    assert len(list((tmp_path / "ds").rglob("*.mask.png"))) == 4
+    assert len(list((tmp_path / "ds").rglob("*.depth.png"))) == 4

@@ -1,5 +1,5 @@
-"""Image sources. Today: an image folder on local disk (class = first-level subfolder, optional).
-The data step extends ``open_source`` to ``s3://`` prefixes and WebDataset shards."""
+"""Image sources: the ``ImageSource`` protocol and the local image folder (class = first-level subfolder,
+optional). ``open_source`` also opens ``s3://`` prefixes and WebDataset shards (``eupe.data.sources``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,17 @@ from PIL import Image
 from eupe.errors import EupeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# Dense labels live next to their image: ``<stem>.mask.png`` (index mask) and ``<stem>.depth.png``
+# (16-bit, millimetres, 0 = no measurement). They are labels, never images.
+MASK_SUFFIX = ".mask.png"
+DEPTH_SUFFIX = ".depth.png"
+LABEL_SUFFIXES = (MASK_SUFFIX, DEPTH_SUFFIX)
+
+
+def label_uri(image_uri: str, suffix: str) -> str:
+    """``a/b/000001.jpg`` -> ``a/b/000001.mask.png`` (or ``.depth.png``)."""
+    folder, slash, name = image_uri.rpartition("/")
+    return folder + slash + name.rsplit(".", 1)[0] + suffix
 
 
 class ImageSource(Protocol):
@@ -22,6 +33,8 @@ class ImageSource(Protocol):
     def uri(self, index: int) -> str: ...
     def label(self, index: int) -> int: ...
     def open(self, index: int) -> Image.Image: ...
+    def read_bytes(self, index: int) -> bytes: ...  # the raw file, for hashing and safe decoding
+    def domain(self, index: int) -> str | None: ...  # e.g. the mixture component; None when unknown
 
 
 class ImageFolder:
@@ -29,7 +42,8 @@ class ImageFolder:
         self.root = Path(root)
         if not self.root.is_dir():
             raise EupeError(f"dataset folder not found: {self.root}")
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                       and not p.name.lower().endswith(LABEL_SUFFIXES))
         if not files:
             raise EupeError(f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)})")
         self.files = files
@@ -48,12 +62,20 @@ class ImageFolder:
         return self.labels[index]
 
     def open(self, index: int) -> Image.Image:
-        with Image.open(self.files[index]) as im:
-            return im.convert("RGB")
+        from eupe.data.decode import decode  # the pipeline's one decoder: raises UndecodableImage
+
+        return decode(self.read_bytes(index), self.uri(index))
+
+    def read_bytes(self, index: int) -> bytes:
+        return self.files[index].read_bytes()
+
+    def domain(self, index: int) -> str | None:
+        return None
 
 
-def open_source(uri: str | Path) -> ImageSource:
-    uri = str(uri)
-    if uri.startswith("s3://"):
-        raise EupeError(f"{uri}: s3 image sources are not supported yet; copy the folder locally")
-    return ImageFolder(uri)
+def open_source(uri: str | Path):
+    """A local folder or ``s3://`` prefix of images (an ``ImageSource``), or ``.tar`` shards (a glob, one
+    shard, or a folder/prefix of them: an ``eupe.data.sources.ShardStream``). See ``eupe.data.sources``."""
+    from eupe.data.sources import open_uri
+
+    return open_uri(uri)

@@ -15,6 +15,7 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from eupe.data.folder import ImageSource
+from eupe.data.sources import read_sample
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -63,9 +64,10 @@ class DistillImages(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int] | int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: tuple[int, int] | int) -> tuple[torch.Tensor, int, int]:
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        img = TF.pil_to_tensor(self.source.open(index))
+        image, label, skipped = read_sample(self.source, index)  # undecodable: the next image, counted
+        img = TF.pil_to_tensor(image)
         if self.train:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -76,7 +78,7 @@ class DistillImages(Dataset):
                 img = TF.horizontal_flip(img)
         else:
             img = TF.center_crop(TF.resize(img, self.size, antialias=True), [self.size, self.size])
-        return img, self.source.label(index)
+        return img, label, skipped
 
 
 def step_loader(source: ImageSource, size: int, sampler: StepBatchSampler, num_workers: int,

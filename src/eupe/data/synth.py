@@ -16,7 +16,10 @@ order of the shapes in the scene, so image, mask and depth always agree.
 ``out_dir/<class_name>/<index:06d>.<fmt>`` plus ``out_dir/synth.json``.
 Image ``i`` depends only on ``(seed, i, size, num_classes)`` and its scene can be
 rebuilt with :func:`image_spec`, so masks and depth maps for a written dataset can
-be regenerated exactly later on.
+be regenerated exactly later on. With ``dense=True`` they are written next to each
+image in the evaluation layout (see :mod:`eupe.data.folder`):
+``<index:06d>.mask.png`` (8-bit index mask, 0 background, ``k + 1`` class ``k``) and
+``<index:06d>.depth.png`` (16-bit, millimetres).
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from eupe.data.folder import DEPTH_SUFFIX, MASK_SUFFIX
+
 __all__ = [
     "CLASSES",
     "GENERATOR_VERSION",
     "MIN_SIZE",
     "Scene",
     "Shape",
+    "depth_to_png",
     "image_spec",
     "render",
     "sample_scene",
@@ -391,7 +397,7 @@ def image_spec(
     return scene, height, width
 
 
-def _params(num_images: int, size: Any, seed: int, fmt: str, num_classes: int) -> dict[str, Any]:
+def _params(num_images: int, size: Any, seed: int, fmt: str, num_classes: int, dense: bool = False) -> dict[str, Any]:
     """Validated, JSON-normalised parameters of a run (what idempotence compares)."""
     if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images <= 0:
         raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
@@ -405,8 +411,10 @@ def _params(num_images: int, size: Any, seed: int, fmt: str, num_classes: int) -
         raise ValueError(f"num_classes must be in [1, {len(CLASSES)}], got {num_classes!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(dense, bool):
+        raise ValueError(f"dense must be a bool, got {dense!r}")
     lo, hi = _check_size(size)
-    return {
+    params = {
         "num_images": int(num_images),
         "size": lo if lo == hi else [lo, hi],
         "seed": int(seed),
@@ -414,6 +422,15 @@ def _params(num_images: int, size: Any, seed: int, fmt: str, num_classes: int) -
         "num_classes": int(num_classes),
         "version": GENERATOR_VERSION,
     }
+    if dense:  # only when set, so manifests of earlier image-only runs still match
+        params["dense"] = True
+    return params
+
+
+def depth_to_png(depth: np.ndarray) -> Image.Image:
+    """Depth in metres -> a 16-bit PNG image in millimetres (0 means no measurement)."""
+    mm = np.clip(np.rint(depth * 1000.0), 0, 65535).astype(np.uint16)
+    return Image.fromarray(mm)
 
 
 def _complete_run(out_dir: Path, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -427,7 +444,10 @@ def _complete_run(out_dir: Path, params: dict[str, Any]) -> dict[str, Any] | Non
     files = manifest.get("files")
     if not isinstance(files, list) or len(files) != params["num_images"]:
         return None
-    if not all((out_dir / f).is_file() for f in files):
+    labels = manifest.get("labels", [])
+    if not isinstance(labels, list) or len(labels) != (2 * len(files) if params.get("dense") else 0):
+        return None
+    if not all((out_dir / f).is_file() for f in files + labels):
         return None
     return manifest
 
@@ -439,6 +459,7 @@ def synthesize(
     seed: int = 0,
     fmt: str = "jpg",
     num_classes: int = len(CLASSES),
+    dense: bool = False,
 ) -> dict[str, Any]:
     """Write a balanced image-folder dataset to ``out_dir`` and return its manifest.
 
@@ -450,9 +471,11 @@ def synthesize(
     partial dataset; a complete earlier run with identical parameters (per
     ``out_dir/synth.json``) is kept as is. A different earlier run is replaced;
     an existing ``out_dir`` not written by this function is refused
-    (``FileExistsError``) rather than deleted.
+    (``FileExistsError``) rather than deleted. ``dense=True`` also writes each
+    image's segmentation mask and depth map next to it (``<index>.mask.png``,
+    ``<index>.depth.png``), listed under ``labels`` in the manifest.
     """
-    params = _params(num_images, size, seed, fmt, num_classes)
+    params = _params(num_images, size, seed, fmt, num_classes, dense)
     out_dir = Path(out_dir)
 
     if out_dir.exists():
@@ -487,16 +510,22 @@ def synthesize(
         for name in class_names:
             (tmp_dir / name).mkdir(parents=True)
         files: list[str] = []
+        labels: list[str] = []
         counts = dict.fromkeys(class_names, 0)
         step = max(1, n // 10)
         logger.info("synth: writing %d images (%s, size %s, seed %d) to %s",
                     n, ext, params["size"], params["seed"], out_dir)
         for i in range(n):
             scene, height, width = image_spec(params["seed"], i, size, params["num_classes"])
-            image, _, _ = render(scene, height, width)
-            rel = f"{class_names[scene.label]}/{i:06d}.{ext}"
+            image, mask, depth = render(scene, height, width)
+            stem = f"{class_names[scene.label]}/{i:06d}"
+            rel = f"{stem}.{ext}"
             Image.fromarray(image).save(tmp_dir / rel, format=pil_format, **save_kwargs)
             files.append(rel)
+            if dense:
+                Image.fromarray(mask).save(tmp_dir / (stem + MASK_SUFFIX), format="PNG", compress_level=1)
+                depth_to_png(depth).save(tmp_dir / (stem + DEPTH_SUFFIX), format="PNG", compress_level=1)
+                labels += [stem + MASK_SUFFIX, stem + DEPTH_SUFFIX]
             counts[class_names[scene.label]] += 1
             if (i + 1) % step == 0 or i + 1 == n:
                 logger.info("synth: %d/%d images (%d%%)", i + 1, n, (i + 1) * 100 // n)
@@ -508,6 +537,8 @@ def synthesize(
             "counts": counts,
             "files": files,
         }
+        if dense:
+            manifest["labels"] = labels
         (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
         # Another process may have finished the same run meanwhile.

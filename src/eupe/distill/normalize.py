@@ -89,20 +89,50 @@ def load_stats(uri: str) -> tuple[dict[str, FeatureStats], dict]:
     return stats, meta
 
 
-def run_normalize(cfg: Config, stage: int, out: Path) -> dict:
-    """``eupe normalize``: statistics of every target of ``stage`` at each of its resolutions."""
+def _manifest_batch(cfg: Config, source, manifest: str) -> tuple[list[int], dict[str, int]]:
+    """Source indices of the stratified, outlier-free batch drawn from ``manifest`` (eupe data scan)."""
+    from eupe.data.manifest import read_manifest
+    from eupe.data.norm_batch import select_normalization_batch, strata_counts
+
+    df = read_manifest(manifest)
+    rows = select_normalization_batch(df, cfg.normalization.num_images, cfg.seed, cfg.validation.outlier_z)
+    if not rows:
+        raise EupeError(f"manifest {manifest}: no decodable, non-outlier images to normalize with")
+
+    def key(uri: str) -> str:
+        return uri if storage.is_s3(uri) else str(Path(uri).resolve())
+
+    index = {key(source.uri(i)): i for i in range(len(source))}
+    uris = df["uri"].iloc[rows].tolist()
+    missing = [u for u in uris if key(u) not in index]
+    if missing:
+        raise EupeError(f"manifest {manifest}: {len(missing)} selected images are not in dataset {cfg.data.root} "
+                        f"(first: {missing[0]}); scan this dataset again")
+    return [index[key(u)] for u in uris], strata_counts(df, rows)
+
+
+def run_normalize(cfg: Config, stage: int, out: Path, manifest: str | None = None) -> dict:
+    """``eupe normalize``: statistics of every target of ``stage`` at each of its resolutions.
+
+    The batch is ``normalization.num_images`` images: with a ``manifest`` (``eupe data scan``) a sample
+    stratified by domain and class without undecodable files and outliers, otherwise a seeded
+    uniform sample of the dataset. The images used are listed in the stats' metadata."""
     check_models(cfg, stage)
     source = open_source(cfg.data.root)
+    strata: dict[str, int] | None = None
+    if manifest is not None:
+        indices, strata = _manifest_batch(cfg, source, manifest)
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        indices = sorted(torch.randperm(len(source), generator=g)[:cfg.normalization.num_images].tolist())
+    n = len(indices)
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     targets = build_targets(cfg, stage, device)
-    n = min(cfg.normalization.num_images, len(source))
-    g = torch.Generator().manual_seed(cfg.seed)
-    indices = sorted(torch.randperm(len(source), generator=g)[:n].tolist())
     size = max(r for t in targets for r in t.resolutions)
     loader = DataLoader(Subset(DistillImages(source, size, train=False), indices),
                         batch_size=cfg.normalization.batch_size, num_workers=cfg.data.num_workers)
     accs = {t.name: StatsAccumulator() for t in targets}
-    for images, _ in tqdm(loader, desc=f"normalize stage{stage}", unit="batch", mininterval=2):
+    for images, *_ in tqdm(loader, desc=f"normalize stage{stage}", unit="batch", mininterval=2):
         for t in targets:
             for r in t.resolutions:
                 f = target_features(t, images, r)
@@ -110,8 +140,9 @@ def run_normalize(cfg: Config, stage: int, out: Path) -> dict:
                 accs[t.name].add("patch", f.patches)
     stats = {name: acc.stats(cfg.normalization.eps) for name, acc in accs.items()}
     path = Path(out) / "norm.safetensors"
+    selection = {"selection": "manifest-stratified" if manifest else "random", "manifest": manifest, "strata": strata}
     meta = {"stage": stage, "num_images": n, "images": [source.uri(i) for i in indices],
-            "resolutions": {t.name: t.resolutions for t in targets}}
+            "resolutions": {t.name: t.resolutions for t in targets}, **selection}
     save_stats(str(path), stats, meta)
     dims = {name: {"cls": s.dims[0], "patch": s.dims[1]} for name, s in stats.items()}
-    return write_result(out, f"normalize-stage{stage}", {"num_images": n, "dims": dims}, {"stats": path})
+    return write_result(out, f"normalize-stage{stage}", {"num_images": n, "dims": dims, **selection}, {"stats": path})

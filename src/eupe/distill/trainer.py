@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from eupe import results, storage
 from eupe.config import Config
-from eupe.data.folder import open_source
+from eupe.data.sources import ImageStream, open_data, stream_loader
 from eupe.data.loader import StepBatchSampler, sample_seed, step_loader
 from eupe.distill import checkpoint
 from eupe.distill.loss import distill_loss
@@ -94,7 +94,7 @@ def preflight(cfg: Config, stage: int, norm: str, init: str | None) -> None:
 def train(cfg: Config, stage: int, out: Path, norm: str, init: str | None = None, resume: bool = False) -> dict:
     st = cfg.stage(stage)
     preflight(cfg, stage, norm, init)
-    source = open_source(cfg.data.root)
+    source = open_data(cfg.data, cfg.seed)  # data.sources mixed by weight, or data.root
     rt = setup(cfg)
     try:
         return _train(cfg, stage, st, Path(out), norm, init, resume, source, rt)
@@ -150,18 +150,24 @@ def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict
         log.info("resumed from %s at step %d", last, start)
 
     load_size = max([*st.resolutions, *(r for t in targets for r in t.resolutions)])
-    sampler = StepBatchSampler(len(source), st.batch_size, st.micro_batch_size, start, st.iters, cfg.seed, rt.rank, rt.world_size)
-    batches = iter(step_loader(source, load_size, sampler, cfg.data.num_workers, cfg.data.crop_scale, cfg.data.hflip,
-                               pin_memory=rt.device.type == "cuda"))
+    if isinstance(source, ImageStream):  # .tar shards: streamed; a resume skips the micro-batches already seen
+        batches = iter(stream_loader(source, load_size, st.micro_batch_size, cfg.data.num_workers, cfg.data.crop_scale,
+                                     cfg.data.hflip, start_batch=start * accum, rank=rt.rank, world_size=rt.world_size,
+                                     pin_memory=rt.device.type == "cuda"))
+    else:
+        sampler = StepBatchSampler(len(source), st.batch_size, st.micro_batch_size, start, st.iters, cfg.seed, rt.rank, rt.world_size)
+        batches = iter(step_loader(source, load_size, sampler, cfg.data.num_workers, cfg.data.crop_scale, cfg.data.hflip,
+                                   pin_memory=rt.device.type == "cuda"))
 
     # --- the loop --------------------------------------------------------------------------------
     bar = tqdm(total=st.iters, initial=start, desc=f"stage{stage}", unit="step", disable=not rt.is_main, mininterval=2)
-    t0, seen, last_ckpt = time.perf_counter(), 0, last
+    t0, seen, last_ckpt, skipped = time.perf_counter(), 0, last, 0
     for step in range(start, st.iters):
         sizes = draw_resolutions(cfg, stage, step, targets)
         step_loss, step_parts = 0.0, {t.name: 0.0 for t in targets}
         for micro in range(accum):
-            images, _ = next(batches)
+            images, _, bad = next(batches)
+            skipped += int(bad.sum())  # undecodable files replaced in this micro-batch
             with rt.autocast():
                 feats = {t.name: target_features(t, images, sizes[t.name]) for t in targets}
             normed = {t.name: stats[t.name].apply(feats[t.name].cls, feats[t.name].patches) for t in targets}
@@ -202,12 +208,13 @@ def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict
     bar.close()
     wall = time.perf_counter() - t0
 
+    skipped = round(rt.mean(float(skipped)) * rt.world_size)  # every rank joins the reduction
     if not rt.is_main:
         return {}
     last_ckpt = last_ckpt or checkpoint.latest(ckpt_dir)
     return results.write_training_result(out, stage, history.__dict__, {
         "steps": st.iters, "steps_this_run": st.iters - start, "images_per_s": seen / wall if seen else 0.0,
-        "wall_s": wall, "world_size": rt.world_size, "global_batch": st.batch_size, "accumulation": accum,
+        "wall_s": wall, "skipped_images": skipped, "world_size": rt.world_size, "global_batch": st.batch_size, "accumulation": accum,
     }, checkpoint_dir=last_ckpt, encoder_state={k: v for k, v in model.encoder.state_dict().items()})
 
 

@@ -1,0 +1,137 @@
+"""``eupe data version`` / ``eupe data pull``: DVC versioning of a dataset or checkpoint directory.
+
+``version`` runs ``dvc add`` (or ``dvc commit`` of an explicit ``--dvc-file``) then ``dvc push`` and
+reports the directory's content hash (the ``md5`` of the ``.dvc`` file's output, ``<md5>.dir`` for a
+folder). ``pull`` restores the directory from the remote. Both run the ``dvc`` executable of this
+environment in the DVC repository that holds the path (the nearest parent with a ``.dvc/`` folder).
+The repository's ``.dvc/config`` names the remotes: ``local`` (default, a folder) and ``s3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eupe.errors import EupeError
+
+__all__ = ["find_repo", "pull", "register", "run_dvc", "version"]
+
+
+def _dvc_executable() -> str:
+    beside = Path(sys.executable).parent / "dvc"
+    found = str(beside) if beside.exists() else shutil.which("dvc")
+    if not found:
+        raise EupeError(f"dvc not installed (looked next to {sys.executable} and on PATH): pip install 'dvc[s3]'")
+    return found
+
+
+def find_repo(path: Path) -> Path:
+    """The DVC repository holding ``path``: its nearest parent with a ``.dvc/`` folder."""
+    start = path.absolute()
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    raise EupeError(f"{path} is not inside a DVC repository (no .dvc/ folder above it; run `dvc init`)")
+
+
+def run_dvc(args: list[str], repo: Path) -> str:
+    """Run ``dvc <args>`` in ``repo``; a failure is one line with DVC's own error."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([_dvc_executable(), *args], cwd=repo, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        lines = [" ".join(line.split()) for line in (proc.stderr + "\n" + proc.stdout).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith("ERROR")), lines[-1] if lines else f"exit code {proc.returncode}")
+        hint = " (a .dvc file cannot live in a git-ignored folder: pass --dvc-file outside it)" if "git-ignored" in reason else ""
+        raise EupeError(f"dvc {' '.join(args)} (in {repo}) failed: {reason}{hint}")
+    return proc.stdout
+
+
+def _dvc_file(target: Path, repo: Path, dvc_file: str | None) -> Path:
+    f = Path(dvc_file).absolute() if dvc_file else target.absolute().with_name(target.name + ".dvc")
+    if f.suffix != ".dvc":
+        raise EupeError(f"--dvc-file must end with .dvc: {dvc_file}")
+    if repo not in (f.parent, *f.parent.parents):
+        raise EupeError(f"--dvc-file {f} is outside the DVC repository {repo}")
+    return f
+
+
+def _out_entry(f: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load(f.read_text())["outs"][0]
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+        raise EupeError(f"{f}: not a DVC file with an output ({type(e).__name__})") from None
+
+
+def version(path: str | Path, remote: str | None = None, dvc_file: str | None = None) -> dict[str, Any]:
+    """Track ``path`` with DVC and push it; returns ``hash`` (md5), ``size``, ``nfiles`` and ``dvc_file``."""
+    target = Path(path)
+    if not target.exists():
+        raise EupeError(f"--path: not found: {path}")
+    repo = find_repo(target)
+    f = _dvc_file(target, repo, dvc_file)
+    if dvc_file:  # an output outside the .dvc file's folder, e.g. a checkpoint under a git-ignored artifacts/
+        out_path = os.path.relpath(target.absolute(), f.parent)
+        if not f.exists() or _out_entry(f).get("path") != out_path:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(yaml.safe_dump({"outs": [{"path": out_path}]}, sort_keys=False))
+        run_dvc(["commit", "--force", "--quiet", str(f.relative_to(repo))], repo)
+    else:
+        run_dvc(["add", "--quiet", str(target.absolute().relative_to(repo))], repo)
+    run_dvc(["push", "--quiet", str(f.relative_to(repo)), *(["--remote", remote] if remote else [])], repo)
+    out = _out_entry(f)
+    return {"hash": out["md5"], "size": out.get("size"), "nfiles": out.get("nfiles"), "dvc_file": str(f),
+            "path": str(target), "remote": remote or "default"}
+
+
+def pull(path: str | Path, remote: str | None = None, dvc_file: str | None = None) -> dict[str, Any]:
+    """Restore ``path`` from the remote (``dvc pull`` of its ``.dvc`` file); returns its hash."""
+    target = Path(path)
+    repo = find_repo(target.parent if not target.exists() else target)
+    f = _dvc_file(target, repo, dvc_file)
+    if not f.is_file():
+        raise EupeError(f"{f} not found: version {path} first (eupe data version --path {path})")
+    run_dvc(["pull", "--quiet", str(f.relative_to(repo)), *(["--remote", remote] if remote else [])], repo)
+    out = _out_entry(f)
+    return {"hash": out["md5"], "size": out.get("size"), "nfiles": out.get("nfiles"), "dvc_file": str(f),
+            "path": str(target), "remote": remote or "default"}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _report(step: str, info: dict[str, Any], out: str | None) -> None:
+    if out:
+        from eupe.results import write_result
+
+        write_result(out, step, {k: info[k] for k in ("hash", "size", "nfiles", "remote")},
+                     {"path": info["path"], "dvc_file": info["dvc_file"]})
+    print(info["hash"])
+
+
+def cmd_version(args: argparse.Namespace) -> None:
+    _report("data-version", version(args.path, args.remote, args.dvc_file), args.out)
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    _report("data-pull", pull(args.path, args.remote, args.dvc_file), args.out)
+
+
+def register(data: argparse._SubParsersAction) -> None:
+    """``eupe data version`` and ``eupe data pull``."""
+    for name, func, text in (
+        ("version", cmd_version, "dvc add + dvc push a dataset or checkpoint directory; prints its content hash"),
+        ("pull", cmd_pull, "dvc pull a versioned directory from the remote; prints its content hash"),
+    ):
+        p = data.add_parser(name, help=text)
+        p.add_argument("--path", required=True, help="directory (or file) inside a DVC repository, e.g. data")
+        p.add_argument("--remote", help="DVC remote name (default: the repository's default remote)")
+        p.add_argument("--dvc-file", help="where the .dvc file goes (default: <path>.dvc; needed when that is git-ignored)")
+        p.add_argument("--out", required=name == "version", help="folder for result.json")
+        p.set_defaults(func=func)

@@ -1,0 +1,83 @@
+"""``eupe data version`` / ``eupe data pull``: real DVC against a local-folder remote."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eupe.cli import main
+from eupe.data.synth import synthesize
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A fresh DVC repository (no git) with a local-folder default remote."""
+    root = tmp_path / "repo"
+    (root / ".dvc").mkdir(parents=True)  # what `dvc init --no-scm` + `dvc remote add -d` write (saves 2 dvc runs)
+    (root / ".dvc" / "config").write_text(
+        f"[core]\n    no_scm = True\n    remote = local\n['remote \"local\"']\n    url = {tmp_path / 'remote'}\n")
+    return root
+
+
+def test_version_pushes_and_pull_restores_identical_bytes(repo, capsys):
+    data = repo / "data"
+    synthesize(data, 12, size=(24, 40), seed=3, num_classes=3)
+    before = _digest(data)
+    assert main(["data", "version", "--path", str(data), "--out", str(repo / "v1")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    out = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]
+    assert printed == out["md5"] and printed.endswith(".dir") and out["nfiles"] == 13
+    result = yaml.safe_load((repo / "v1" / "result.json").read_text())
+    assert result["metrics"]["hash"] == printed and result["artifacts"]["dvc_file"] == str(repo / "data.dvc")
+
+    shutil.rmtree(data)
+    shutil.rmtree(repo / ".dvc" / "cache")  # nothing local left: the bytes must come from the remote
+    assert main(["data", "pull", "--path", str(data)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == printed
+    assert _digest(data) == before
+
+    (data / "circle" / "000000.jpg").write_bytes(b"changed")  # a new version gets a new hash
+    assert main(["data", "version", "--path", str(data), "--out", str(repo / "v2")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] not in ("", printed)
+
+
+def test_version_a_checkpoint_directory_with_its_own_dvc_file(repo, capsys):
+    ckpt = repo / "artifacts" / "stage3" / "checkpoints" / "step_4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 1000)
+    (ckpt / "state.json").write_text("{}")
+    target = ckpt.parent
+    assert main(["data", "version", "--path", str(target), "--dvc-file", str(repo / "versions" / "stage3.dvc"),
+                 "--out", str(repo / "v")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    out = yaml.safe_load((repo / "versions" / "stage3.dvc").read_text())["outs"][0]
+    assert out["path"] == "../artifacts/stage3/checkpoints" and out["md5"] == printed and out["nfiles"] == 2
+    shutil.rmtree(target)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    assert main(["data", "pull", "--path", str(target), "--dvc-file", str(repo / "versions" / "stage3.dvc")]) == 0
+    assert (ckpt / "model.safetensors").read_bytes() == b"\0" * 1000
+
+
+def test_version_outside_a_dvc_repository_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    assert main(["data", "version", "--path", str(tmp_path / "d"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eupe: error: ") and "not inside a DVC repository" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_push_to_a_missing_remote_names_it(repo, capsys):
+    (repo / "d").mkdir()
+    (repo / "d" / "f").write_text("x")
+    assert main(["data", "version", "--path", str(repo / "d"), "--remote", "nope", "--out", str(repo / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dvc push" in err and "nope" in err and "\n" not in err
