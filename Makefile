@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/eupe demo --config configs/demo.yaml --out artifacts/demo
+	$(BIN)/eupe demo --config configs/demo.yaml --out artifacts/demo --data data --version-data
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -59,7 +59,8 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from eupe.demo import run_demo
 
-    run_demo(args.config, Path(args.out), args.overrides)
+    run_demo(args.config, Path(args.out), args.overrides, data=Path(args.data) if args.data else None,
+             version=args.version_data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthesize data, normalize and run stages 1-3 on the CPU; print a summary table")
     config_args(p)
     p.add_argument("--out", default="artifacts/demo")
+    p.add_argument("--data", help="dataset folder to generate and use (default: <out>/data)")
+    p.add_argument("--version-data", action="store_true", help="dvc add + dvc push the dataset before training")
     p.set_defaults(func=cmd_demo)
 
     for module in STEP_COMMANDS:  # evaluation, export, latency, ...: each module declares its own
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("great_expectations", "matplotlib", "dvc", "botocore", "urllib3"):  # their INFO is internal chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.func(args)
     except EupeError as e:

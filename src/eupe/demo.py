@@ -1,7 +1,7 @@
 """``make demo``: the whole distillation on the CPU in minutes, step by step through the CLI.
 
-synth data -> normalize(1) -> stage 1 -> normalize(2) -> stage 2 -> normalize(3) -> stage 3,
-then ``summary.json`` and a table. Each step is the same ``eupe`` subcommand a pipeline task runs.
+synth data -> validate (+ DVC version) -> normalize(1) -> stage 1 -> normalize(2) -> stage 2 ->
+normalize(3) -> stage 3, then ``summary.json`` and a table. Each step is the same ``eupe`` subcommand a pipeline task runs.
 """
 
 from __future__ import annotations
@@ -26,16 +26,22 @@ def _run(argv: list[str]) -> None:
         raise EupeError(f"demo step failed: eupe {' '.join(argv)}")
 
 
-def run_demo(config: str | None, out: Path, overrides: list[str]) -> dict:
+def run_demo(config: str | None, out: Path, overrides: list[str], data: Path | None = None, version: bool = False) -> dict:
+    """``data``: where the dataset goes (default ``out/data``); ``version``: ``dvc add`` + ``dvc push`` it
+    (``make demo`` versions the repository's ``data/``, tracked by ``data.dvc``)."""
     cfg_args = (["--config", config] if config else []) + [a for o in overrides for a in ("--set", o)]
-    data = out / "data"
+    data = data or out / "data"
     _run(["data", "synth", "--out", str(data), "--num-images", str(DEMO_IMAGES), "--size", *map(str, DEMO_SIZE)])
+    _run(["data", "validate", *cfg_args, "--data", str(data), "--out", str(out / "validate")])
+    if version:
+        _run(["data", "version", "--path", str(data), "--out", str(out / "data_version")])
     common = [*cfg_args, "--data", str(data)]
+    manifest = ["--manifest", str(out / "validate" / "manifest.parquet")]
 
     def stage(n: int, proxy: str | None = None, init: str | None = None) -> dict:
         norm = out / f"normalize_stage{n}"
         extra = ["--proxy", proxy] if proxy else []
-        _run(["normalize", *common, *extra, "--stage", str(n), "--out", str(norm)])
+        _run(["normalize", *common, *extra, *manifest, "--stage", str(n), "--out", str(norm)])
         train_out = out / f"stage{n}"
         _run(["train", *common, *extra, *(["--init", init] if init else []), "--stage", str(n),
               "--norm", str(norm / "norm.safetensors"), "--out", str(train_out)])

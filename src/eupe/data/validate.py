@@ -154,7 +154,7 @@ def _context(docs_dir: Path):
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internal chatter
     site = {"class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)}}
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())}}
     config = DataContextConfig(analytics_enabled=False, progress_bars=ProgressBarsConfig(globally=False),
                                store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
                                data_docs_sites={"eupe": site})

@@ -1,0 +1,33 @@
+"""``eupe evaluate``: frozen-encoder metrics, their plots and the quality gate."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from eupe.commands import config_args, load
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from eupe.cli import _stage_inputs  # --data and --proxy become config overrides, as for every step
+    from eupe.evaluate.run import run_evaluate
+
+    cfg = load(args, _stage_inputs(args))
+    result = run_evaluate(cfg, args.encoder, Path(args.out), weights=args.weights, checkpoint=args.checkpoint,
+                          norm=args.norm, baseline=args.baseline)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result["metrics"].items() if v is not None}
+    print(f"evaluate {args.encoder}: {shown} -> {result['artifacts']['eval']}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="k-NN, seg/depth probes, keypoint PCK and fidelity of a frozen encoder; quality gate")
+    config_args(p)
+    p.add_argument("--encoder", default="student", help="student, proxy or a teacher's name (default: student)")
+    p.add_argument("--weights", help="encoder weights URI (default: the model's configured weights, or --checkpoint)")
+    p.add_argument("--checkpoint", help="training checkpoint (model.safetensors with adapters): enables fidelity")
+    p.add_argument("--norm", help="norm.safetensors of the checkpoint's stage (with --checkpoint)")
+    p.add_argument("--proxy", help="proxy weights: the target of stages 2 and 3 for fidelity (overrides proxy.weights)")
+    p.add_argument("--data", help="dataset URI (overrides data.root); masks/depth as <name>.mask.png / <name>.depth.png")
+    p.add_argument("--baseline", help="eval.json of the model in production: fail when a metric regresses")
+    p.add_argument("--out", required=True, help="output folder (eval.json, PNG plots, result.json)")
+    p.set_defaults(func=cmd_evaluate)

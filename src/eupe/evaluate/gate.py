@@ -1,0 +1,68 @@
+"""Quality gate: compare an evaluation with a baseline ``eval.json`` (the model in production).
+
+Direction-aware: ``depth_rmse`` may not rise by more than its tolerance, every other metric may not
+drop by more than its tolerance. ``fidelity`` is one value per target (``fidelity.<target>``), each
+held to the ``fidelity`` tolerance. A metric missing on either side is reported as skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eupe import storage
+from eupe.config import GATED_METRICS
+from eupe.errors import EupeError
+
+
+def gated_values(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The gated metrics of an ``eval.json`` as flat ``name -> value`` (``fidelity.<target>`` per target)."""
+    out = {}
+    for name in GATED_METRICS:
+        value = evaluation.get(name)
+        if isinstance(value, dict):
+            out.update({f"{name}.{k}": float(v) for k, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def read_baseline(uri: str) -> dict[str, float]:
+    """The baseline's gated metrics; fails (before any compute) when it has none."""
+    try:
+        data = storage.read_json(uri)
+    except EupeError as e:
+        raise EupeError(f"--baseline: {e}") from None
+    values = gated_values(data) if isinstance(data, dict) else {}
+    if not values:
+        raise EupeError(f"--baseline {uri}: not an eval.json (none of {sorted(GATED_METRICS)} found)")
+    return values
+
+
+def check(current: dict[str, Any], baseline: dict[str, float], tolerances: dict[str, float]) -> dict[str, Any]:
+    """The gate outcome: ``{"passed", "regressed": [names], "checks": [...], "skipped": [names]}``."""
+    values = gated_values(current)
+    checks, skipped = [], []
+    for key in sorted(set(values) | set(baseline)):
+        metric = key.split(".", 1)[0]
+        if key not in values or key not in baseline:
+            skipped.append(key)
+            continue
+        higher = GATED_METRICS[metric]
+        tol = tolerances.get(metric, 0.0)
+        value, base = values[key], baseline[key]
+        regressed = value < base - tol if higher else value > base + tol
+        checks.append({"metric": key, "value": value, "baseline": base, "tolerance": tol,
+                       "higher_is_better": higher, "regressed": regressed})
+    regressed = [c["metric"] for c in checks if c["regressed"]]
+    return {"passed": not regressed, "regressed": regressed, "checks": checks, "skipped": skipped}
+
+
+def failure_message(outcome: dict[str, Any], baseline_uri: str) -> str:
+    """One line naming each regressed metric with its value, the baseline and the tolerance."""
+    parts = []
+    for c in outcome["checks"]:
+        if c["regressed"]:
+            sign = "-" if c["higher_is_better"] else "+"
+            word = "dropped" if c["higher_is_better"] else "rose"
+            parts.append(f"{c['metric']} {word} to {c['value']:.4f} (baseline {c['baseline']:.4f} {sign} tolerance {c['tolerance']:g})")
+    return f"quality gate failed against {baseline_uri}: " + "; ".join(parts)

@@ -1,0 +1,141 @@
+"""``eupe evaluate`` end to end on tiny synthetic dense data with a tiny trained student."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from PIL import Image
+
+from eupe.cli import main
+from eupe.data.synth import synthesize
+from eupe.evaluate.gate import gated_values
+
+KEYS = ("knn_top1", "seg_miou", "depth_rmse", "depth_delta1", "keypoint_pck", "fidelity")
+PLOTS = ("eval_metrics.png", "seg_example.png", "depth_example.png", "keypoints_example.png")
+FAST = ["--set", "eval.probe_epochs=4", "--set", "eval.resolution=48"]
+
+
+@pytest.fixture(scope="module")
+def dense_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dense") / "data"
+    synthesize(root, 48, size=(48, 80), seed=1, num_classes=4, dense=True)
+    return root
+
+
+def _upload(folder: Path, bucket: str, prefix: str) -> str:
+    client = boto3.client("s3")
+    for p in folder.rglob("*"):
+        if p.is_file():
+            client.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(folder).as_posix()}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def test_evaluate_trained_student_then_gate(tiny_config: Path, dense_data: Path, tmp_path: Path, s3_bucket: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = ["--config", str(tiny_config), "--data", str(dense_data)]
+    # A real (very short) stage-3 run: its checkpoint holds the encoder and the adapters.
+    assert main(["normalize", *cfg, "--stage", "3", "--out", str(tmp_path / "norm")]) == 0
+    assert main(["train", *cfg, "--stage", "3", "--set", "stage3.iters=2", "--set", "stage3.warmup_iters=0",
+                 "--norm", str(tmp_path / "norm/norm.safetensors"), "--out", str(tmp_path / "run")]) == 0
+    ckpt = next((tmp_path / "run/checkpoints").glob("step_*/model.safetensors"))
+    norm = tmp_path / "norm/norm.safetensors"
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", *cfg, *FAST, "--encoder", "student", "--checkpoint", str(ckpt), "--norm", str(norm),
+                 "--out", str(out)]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    for key in KEYS[:-1]:
+        assert isinstance(ev[key], float), key
+    assert 0 <= ev["knn_top1"] <= 1 and 0 <= ev["seg_miou"] <= 1 and 0 <= ev["keypoint_pck"] <= 1
+    assert ev["depth_rmse"] > 0 and 0 <= ev["depth_delta1"] <= 1
+    assert set(ev["fidelity"]) == {"proxy"} and -1 <= ev["fidelity"]["proxy"] <= 1
+    assert ev["setup"]["num_train"] + ev["setup"]["num_heldout"] == 48 and ev["setup"]["resolution"] == 48
+    assert ev["details"]["seg_num_classes"] == 5  # background + 4 shapes
+    assert ev["details"]["keypoints"]["total"] > 0
+    for name in PLOTS:
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["step"] == "evaluate"
+    assert set(KEYS) <= set(result["metrics"]) and Path(result["artifacts"]["eval"]) == out / "eval.json"
+    assert "evaluate student" in capsys.readouterr().out
+
+    # Checkpoint, statistics and baseline from S3, gated against the run above: same numbers, the gate passes.
+    s3 = {name: _upload(src, s3_bucket, name) for name, src in (("ckpt", ckpt.parent), ("norm", norm.parent), ("base", out))}
+    gated = tmp_path / "gated"
+    assert main(["evaluate", *cfg, *FAST, "--checkpoint", f"{s3['ckpt']}/model.safetensors",
+                 "--norm", f"{s3['norm']}/norm.safetensors", "--baseline", f"{s3['base']}/eval.json",
+                 "--out", str(gated)]) == 0
+    again = json.loads((gated / "eval.json").read_text())
+    assert gated_values(again) == pytest.approx(gated_values(ev))
+    assert again["gate"]["passed"] and not again["gate"]["regressed"]
+
+    # A planted regression: the production model was better at segmentation. Fails, names it, keeps the record.
+    planted = tmp_path / "planted.json"
+    planted.write_text(json.dumps({**{k: ev[k] for k in KEYS}, "seg_miou": ev["seg_miou"] + 0.2}))
+    capsys.readouterr()
+    failed = tmp_path / "failed"
+    assert main(["evaluate", *cfg, *FAST, "--weights", str(ckpt), "--baseline", str(planted), "--out", str(failed)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert err.startswith("eupe: error: quality gate failed") and "\n" not in err
+    assert "seg_miou dropped to" in err and f"baseline {ev['seg_miou'] + 0.2:.4f}" in err and "knn_top1" not in err
+    record = json.loads((failed / "eval.json").read_text())
+    assert record["gate"]["regressed"] == ["seg_miou"] and record["fidelity"] is None
+    assert record["gate"]["skipped"] == ["fidelity.proxy"]  # the same encoder, but no adapters: not compared
+    status = json.loads((failed / "result.json").read_text())
+    assert status["status"] == "failed" and status["metrics"]["gate_passed"] is False
+
+
+def test_dense_labels_are_read_from_s3_like_from_disk(dense_data: Path, s3_bucket: str) -> None:
+    from eupe.data.folder import open_source
+    from eupe.evaluate.data import EvalImages, available_labels
+
+    small = dense_data.parent / "small"
+    if not small.exists():
+        shutil.copytree(dense_data / "circle", small / "circle")
+    local, remote = open_source(str(small)), open_source(_upload(small, s3_bucket, "small"))
+    assert len(local) == len(remote) == 12  # images only: the .mask.png/.depth.png labels are not images
+    labels = available_labels(remote, [0, 5])
+    assert labels == {"mask": True, "depth": True} == available_labels(local, [0, 5])
+    a, b = EvalImages(local, [5], 32, 16, labels)[0], EvalImages(remote, [5], 32, 16, labels)[0]
+    assert a.keys() == b.keys() == {"image", "label", "skipped", "mask", "depth"}
+    for key in ("image", "mask", "depth"):
+        assert torch.equal(a[key], b[key])
+    assert a["mask"].shape == (16, 16) and set(a["mask"].unique().tolist()) <= {0, 1, 2, 3, 4}
+    assert 1.0 <= float(a["depth"].min()) and float(a["depth"].max()) <= 10.0  # metres
+
+
+def test_bad_inputs_fail_in_one_line_before_any_output(tiny_config: Path, dense_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier output")
+    cfg = ["--config", str(tiny_config), "--data", str(dense_data)]
+
+    def fails(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(["evaluate", *cfg, *argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("eupe: error: ") and "\n" not in err  # nothing computed: no progress bar either
+        assert (out / "keep.txt").read_text() == "earlier output"
+        return err
+
+    assert "--encoder 'nope'" in fails("--encoder", "nope")
+    assert "--norm" in fails("--checkpoint", str(tmp_path / "model.safetensors"))
+    assert "missing.safetensors" in fails("--weights", str(tmp_path / "missing.safetensors"))
+    assert "--baseline" in fails("--baseline", str(tiny_config))  # YAML, not an eval.json
+    broken = tmp_path / "broken"
+    shutil.copytree(dense_data, broken)
+    victim = next(broken.rglob("*.mask.png"))
+    victim.unlink()
+    assert str(victim) in fails("--data", str(broken))
+    rgb = next(broken.rglob("*.depth.png"))
+    Image.new("RGB", Image.open(rgb).size).save(rgb)
+    for m in broken.rglob("*.mask.png"):
+        m.unlink()
+    assert f"{rgb}: depth label must be a 16-bit PNG" in fails("--data", str(broken))

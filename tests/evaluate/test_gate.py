@@ -1,0 +1,80 @@
+"""The quality gate: direction-aware comparison of an evaluation with a baseline eval.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eupe.config import EvalConfig, load_config
+from eupe.errors import EupeError
+from eupe.evaluate import gate
+
+TOL = EvalConfig().tolerances
+BASE = {"knn_top1": 0.80, "seg_miou": 0.50, "depth_rmse": 0.60, "depth_delta1": 0.70, "keypoint_pck": 0.40,
+        "fidelity": {"proxy": 0.90}}
+
+
+def _with(**changes: object) -> dict:
+    return {**BASE, **changes}
+
+
+def test_passes_without_a_regression_and_within_tolerance() -> None:
+    current = _with(knn_top1=0.795, depth_rmse=0.61, fidelity={"proxy": 0.95})  # small moves, one improvement
+    outcome = gate.check(current, gate.gated_values(BASE), TOL)
+    assert outcome["passed"] and outcome["regressed"] == []
+    assert {c["metric"] for c in outcome["checks"]} == {*BASE} - {"fidelity"} | {"fidelity.proxy"}
+
+
+@pytest.mark.parametrize(("metric", "value"), [("knn_top1", 0.70), ("seg_miou", 0.45), ("keypoint_pck", 0.0),
+                                               ("depth_delta1", 0.60), ("depth_rmse", 0.70)])
+def test_a_planted_regression_fails_and_is_named(metric: str, value: float) -> None:
+    outcome = gate.check(_with(**{metric: value}), gate.gated_values(BASE), TOL)
+    assert not outcome["passed"] and outcome["regressed"] == [metric]
+    message = gate.failure_message(outcome, "prod/eval.json")
+    assert "\n" not in message and metric in message and "prod/eval.json" in message
+    assert f"{value:.4f}" in message and f"{gate.gated_values(BASE)[metric]:.4f}" in message
+    assert f"tolerance {TOL[metric]:g}" in message
+
+
+def test_direction_matters_lower_rmse_and_higher_scores_are_improvements() -> None:
+    better = _with(depth_rmse=0.10, knn_top1=0.99)
+    assert gate.check(better, gate.gated_values(BASE), TOL)["passed"]
+    worse_rmse = _with(depth_rmse=0.60 + TOL["depth_rmse"] + 1e-6)
+    assert gate.check(worse_rmse, gate.gated_values(BASE), TOL)["regressed"] == ["depth_rmse"]
+
+
+def test_fidelity_is_gated_per_target_and_missing_metrics_are_skipped() -> None:
+    baseline = gate.gated_values({**BASE, "fidelity": {"proxy": 0.9, "pecore": 0.8}})
+    current = _with(seg_miou=None, fidelity={"proxy": 0.5})
+    outcome = gate.check(current, baseline, TOL)
+    assert outcome["regressed"] == ["fidelity.proxy"]
+    assert outcome["skipped"] == ["fidelity.pecore", "seg_miou"]
+
+
+def test_several_regressions_are_all_named_in_one_line() -> None:
+    outcome = gate.check(_with(knn_top1=0.1, depth_rmse=3.0), gate.gated_values(BASE), TOL)
+    message = gate.failure_message(outcome, "b.json")
+    assert outcome["regressed"] == ["depth_rmse", "knn_top1"]
+    assert "depth_rmse rose to 3.0000" in message and "knn_top1 dropped to 0.1000" in message
+
+
+def test_tolerances_come_from_config_and_are_validated(tmp_path: Path) -> None:
+    cfg = load_config(None, ["eval.tolerances.knn_top1=0.5"])
+    assert cfg.eval.tolerances["knn_top1"] == 0.5 and cfg.eval.tolerances["seg_miou"] == TOL["seg_miou"]
+    assert gate.check(_with(knn_top1=0.4), gate.gated_values(BASE), cfg.eval.tolerances)["passed"]
+    with pytest.raises(EupeError, match="eval.tolerances.*accuracy"):
+        load_config(None, ["eval.tolerances.accuracy=0.1"])
+
+
+def test_baseline_must_be_an_eval_json(tmp_path: Path) -> None:
+    good = tmp_path / "eval.json"
+    good.write_text(json.dumps(BASE))
+    assert gate.read_baseline(str(good))["fidelity.proxy"] == 0.9
+    other = tmp_path / "result.json"
+    other.write_text(json.dumps({"step": "train", "metrics": {"loss": 1.0}}))
+    with pytest.raises(EupeError, match=f"--baseline {other}: not an eval.json"):
+        gate.read_baseline(str(other))
+    with pytest.raises(EupeError, match="file not found"):
+        gate.read_baseline(str(tmp_path / "missing.json"))
