@@ -1,0 +1,54 @@
+"""``eupe export`` and ``eupe latency``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from eupe.commands import config_args, load
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from eupe.export.export import run_export
+
+    extra = [f"data.root={args.data}"] if args.data else []
+    if args.weights:
+        extra.append(f"{args.encoder}.weights={args.weights}")
+    result = run_export(load(args, extra), Path(args.out), encoder=args.encoder)
+    m = result["metrics"]
+    parity = ", ".join(f"{k.removeprefix('parity_cosine_')} {v:.5f}" for k, v in m.items() if k.startswith("parity_cosine_"))
+    print(f"export: {m['models']} .pte in {args.out}, lowest parity cosine: {parity}")
+
+
+def cmd_latency(args: argparse.Namespace) -> None:
+    from eupe.export.latency import run_latency
+
+    result = run_latency(load(args), args.pte, Path(args.out), args.model, resolution=args.resolution,
+                         device=args.device, budgets=args.budgets, device_class=args.device_class,
+                         runner=args.runner, serial=args.serial)
+    m = result["metrics"]
+    budget = f", budget {m['budget_ms']:g} ms: {'pass' if m['passed'] else 'FAIL'}" if m["budget_ms"] else ""
+    print(f"latency: median {m['median_ms']:.2f} ms, p90 {m['p90_ms']:.2f} ms over {m['runs']} runs{budget}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="ExecuTorch .pte (XNNPACK; fp32 and int8) of the trained encoder, with a parity check")
+    config_args(p)
+    p.add_argument("--encoder", default="student", choices=["student", "proxy"], help="which model of the recipe")
+    p.add_argument("--weights", help="trained encoder (e.g. stage3/encoder.safetensors; overrides <encoder>.weights)")
+    p.add_argument("--data", help="images for int8 calibration and the parity check (overrides data.root)")
+    p.add_argument("--out", required=True, help="output folder (*.pte, export.json, export.png, result.json)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("latency", help="time a .pte here or on a phone (adb) and gate the median on a budget")
+    config_args(p)
+    p.add_argument("--pte", required=True, help=".pte to time (local path or s3://)")
+    p.add_argument("--model", required=True, help="model name of the budget row (e.g. vit_b, demo_student)")
+    p.add_argument("--resolution", type=int, help="input size in px (default: the program's; checked against it)")
+    p.add_argument("--device", default="local", choices=["local", "adb"], help="this machine, or a phone over adb")
+    p.add_argument("--budgets", help="budgets YAML (default latency.budgets; none: measure without a gate)")
+    p.add_argument("--device-class", help="row of the budgets file (default latency.device_class)")
+    p.add_argument("--runner", help="adb: ExecuTorch executor_runner built for the phone (default latency.executor_runner)")
+    p.add_argument("--serial", help="adb: device serial when several are attached")
+    p.add_argument("--out", required=True, help="output folder (latency.json, latency.png, result.json)")
+    p.set_defaults(func=cmd_latency)

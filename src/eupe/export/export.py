@@ -1,0 +1,128 @@
+"""``eupe export``: the trained encoder (adapters dropped) -> one ExecuTorch ``.pte`` per configured
+input size, fp32 and optionally int8, each checked against eager PyTorch on real images.
+
+Writes ``export.json`` (per variant: ``pte``, ``input_shape``, ``dtype``, ``parity_cosine``,
+``parity_max_abs``, ``bytes``, ``export_s``, delegation), ``export.png`` and ``result.json``. A parity
+miss, or an operator left outside XNNPACK under ``export.require_full_delegation``, fails after
+``export.json`` is written, so the failing numbers are on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from eupe import storage
+from eupe.config import Config
+from eupe.data.folder import open_source
+from eupe.data.loader import DistillImages
+from eupe.distill.targets import model_inputs, prepare
+from eupe.errors import EupeError
+from eupe.export.lower import EncoderOutputs, check_size, fixed_size, lower
+from eupe.export.runtime import execute, load_forward, parity
+from eupe.models.registry import build_model
+from eupe.results import write_result
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILE = "export.json"
+ENCODERS = ("student", "proxy")
+CALIBRATION_BATCH = 8  # images per observed forward during int8 calibration
+
+
+def _images(source, size: int, indices: list[int], mean: torch.Tensor, std: torch.Tensor,
+            batch: int = 1) -> Iterator[torch.Tensor]:
+    """Normalized ``[B, 3, size, size]`` inputs, resized and centre-cropped as in evaluation."""
+    dataset = DistillImages(source, size, train=False)
+    for start in range(0, len(indices), batch):
+        images = torch.stack([dataset[i][0] for i in indices[start : start + batch]])
+        yield prepare(images, size, mean, std)
+
+
+def run_export(cfg: Config, out: Path, encoder: str = "student") -> dict:
+    if encoder not in ENCODERS:
+        raise EupeError(f"--encoder: expected one of {list(ENCODERS)}, got {encoder!r}")
+    spec = getattr(cfg, encoder)
+    ex = cfg.export
+    if spec.weights is None:
+        raise EupeError(f"{encoder}.weights: no trained weights to export (pass --weights, e.g. stage3/encoder.safetensors)")
+    source = open_source(cfg.data.root)
+    if not hasattr(source, "uri"):
+        raise EupeError(f"data {cfg.data.root}: export needs an image folder (local or s3://) for calibration "
+                        "and parity, not a stream of shards")
+    model = build_model(spec, encoder).eval()  # our checkpoints: encoder.* only, adapters dropped
+    for r in ex.resolutions:  # a size the model cannot take fails before any export
+        check_size(model, spec, r)
+    mean, std = model_inputs(model, torch.device("cpu"))
+    n = len(source)
+    parity_idx = list(range(max(0, n - ex.parity_images), n))  # the last images; calibration uses the first
+    calib_idx = list(range(min(n, ex.calibration_images)))
+
+    variants = [("fp32", ex.fp32_min_cosine)] + ([("int8", ex.int8_min_cosine)] if ex.int8 else [])
+    models: dict[str, dict] = {}
+    failures: list[str] = []
+    out = Path(out)
+    with storage.atomic_dir(out) as tmp:
+        for r in ex.resolutions:
+            x = next(_images(source, r, parity_idx, mean, std, batch=len(parity_idx)))
+            with torch.no_grad():
+                reference = EncoderOutputs(model)(x)  # the trained model itself, dynamic size path
+            static = EncoderOutputs(fixed_size(model, spec, r))
+            for dtype, bound in variants:
+                name = f"{encoder}_{r}px_{dtype}"
+                log.info("exporting %s (%s, %d px, %s)", name, spec.model, r, dtype)
+                t0 = time.perf_counter()
+                calibration = _images(source, r, calib_idx, mean, std, CALIBRATION_BATCH) if dtype == "int8" else None
+                lowered = lower(static, x[:1], calibration)
+                export_s = time.perf_counter() - t0
+                storage.write_bytes(str(tmp / f"{name}.pte"), lowered.program)
+                method = load_forward(lowered.program, f"{name}.pte")
+                outputs = [execute(method, x[i : i + 1]) for i in range(len(x))]
+                p = parity(reference, [torch.cat(o) for o in zip(*outputs, strict=True)])
+                row = {
+                    "pte": str(out / f"{name}.pte"), "input_shape": [1, 3, r, r], "dtype": dtype, "resolution": r,
+                    "parity_cosine": p["cosine"], "parity_max_abs": p["max_abs"], "min_cosine": bound,
+                    "bytes": len(lowered.program), "export_s": round(export_s, 3),
+                    "delegated_nodes": lowered.delegated_nodes, "xnnpack_subgraphs": lowered.subgraphs,
+                    "non_delegated_ops": lowered.non_delegated,
+                }
+                problems = []
+                if p["cosine"] < bound:
+                    problems.append(f"parity cosine {p['cosine']:.5f} < {bound} (export.{dtype}_min_cosine)")
+                if ex.require_full_delegation and lowered.non_delegated:
+                    ops = ", ".join(f"{op} x{k}" for op, k in lowered.non_delegated.items())
+                    problems.append(f"not delegated to XNNPACK: {ops} (export.require_full_delegation)")
+                row["passed"] = not problems
+                failures += [f"{name}: {msg}" for msg in problems]
+                models[name] = row
+                log.info("%s: %.2f MiB, parity cosine %.6f, max abs %.3g, %.1fs, %d ops outside XNNPACK",
+                         name, row["bytes"] / 2**20, p["cosine"], p["max_abs"], export_s,
+                         sum(lowered.non_delegated.values()))
+
+        report = {
+            "encoder": encoder, "model": spec.model, "weights": spec.weights,
+            "input": {"layout": "NCHW float32, RGB in [0, 1] then (x - mean) / std",
+                      "mean": mean.flatten().tolist(), "std": std.flatten().tolist()},
+            "outputs": ["cls [1, C]", "patches [1, N, D] (row-major token grid)"],
+            "parity_images": len(parity_idx), "calibration_images": len(calib_idx) if ex.int8 else 0,
+            "models": models,
+        }
+        storage.write_json(str(tmp / EXPORT_FILE), report)
+        from eupe.export.plots import export_report
+
+        export_report(models, tmp / "export.png")
+        metrics: dict = {"models": len(models), "passed": not failures}
+        for dtype, _ in variants:
+            rows = [m for m in models.values() if m["dtype"] == dtype]
+            metrics[f"parity_cosine_{dtype}"] = min(m["parity_cosine"] for m in rows)
+            metrics[f"bytes_{dtype}"] = max(m["bytes"] for m in rows)
+        artifacts = {"export": out / EXPORT_FILE, "plot": out / "export.png",
+                     **{name: m["pte"] for name, m in models.items()}}
+        result = write_result(tmp, "export", metrics, artifacts, status="failed" if failures else "ok")
+    if failures:
+        raise EupeError(f"export failed ({out / EXPORT_FILE}): {'; '.join(failures)}")
+    return result

@@ -1,0 +1,81 @@
+"""``eupe latency``: time a ``.pte`` (warm-up, then N runs; median and p90) with the ExecuTorch runtime
+here or on a phone through adb, and gate the median on a budget from ``configs/latency_budgets.yaml``.
+
+Writes ``latency.json``, ``latency.png`` (histogram of the runs with the budget line) and
+``result.json``; a median over budget fails after they are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from eupe import storage
+from eupe.config import Config
+from eupe.errors import EupeError
+from eupe.export.budgets import load_budgets
+from eupe.export.runtime import input_shape, load_forward, threads, time_runs
+from eupe.results import write_result
+
+log = logging.getLogger(__name__)
+
+LATENCY_FILE = "latency.json"
+
+
+def run_latency(cfg: Config, pte_uri: str, out: Path, model: str, resolution: int | None = None,
+                device: Literal["local", "adb"] = "local", budgets: str | None = None, device_class: str | None = None,
+                runner: str | None = None, serial: str | None = None) -> dict:
+    lat = cfg.latency
+    budgets = budgets or lat.budgets
+    device_class = device_class or lat.device_class
+    pte = storage.local_copy(pte_uri)
+    method = load_forward(pte, str(pte_uri))
+    shape = input_shape(method)
+    if len(shape) != 4 or shape[-1] != shape[-2]:
+        raise EupeError(f"{pte_uri}: expected a square image input [1, 3, R, R], the program takes {list(shape)}")
+    if resolution is not None and resolution != shape[-1]:
+        raise EupeError(f"--resolution {resolution}: {pte_uri} takes {shape[-1]} px inputs {list(shape)}")
+    resolution = shape[-1]
+    budget = load_budgets(budgets).lookup(device_class, model, resolution, budgets) if budgets else None
+
+    if device == "local":
+        where = f"local {platform.machine()}, {threads()} ExecuTorch threads"
+        runs = time_runs(method, torch.randn(shape), lat.warmup, lat.runs)
+    elif device == "adb":
+        from eupe.export.adb import time_on_device
+
+        serial, runs = time_on_device(pte, runner or lat.executor_runner, lat.warmup, lat.runs, serial, lat.adb_workdir)
+        where = f"adb {serial}"
+    else:
+        raise EupeError(f"--device: expected local or adb, got {device!r}")
+    median, p90 = statistics.median(runs), float(np.percentile(runs, 90))
+    passed = None if budget is None else median <= budget.budget_ms
+    report = {
+        "pte": str(pte_uri), "model": model, "resolution": resolution, "input_shape": list(shape),
+        "device": device, "where": where, "device_class": device_class,
+        "warmup": lat.warmup, "runs": len(runs), "runs_ms": runs,
+        "median_ms": median, "p90_ms": p90, "mean_ms": statistics.fmean(runs), "min_ms": min(runs),
+        "budget_ms": budget.budget_ms if budget else None, "budgets": budgets, "passed": passed,
+    }
+    log.info("%s: median %.3f ms, p90 %.3f ms over %d runs (%s), budget %s", Path(str(pte_uri)).name, median, p90,
+             len(runs), where, f"{budget.budget_ms:g} ms" if budget else "none")
+    out = Path(out)
+    with storage.atomic_dir(out) as tmp:
+        storage.write_json(str(tmp / LATENCY_FILE), report)
+        from eupe.export.plots import latency_histogram
+
+        latency_histogram(runs, median, report["budget_ms"], tmp / "latency.png",
+                          title=f"{model} {resolution}px on {device_class} ({where})")
+        metrics = {k: report[k] for k in ("median_ms", "p90_ms", "budget_ms", "passed", "runs")}
+        result = write_result(tmp, "latency", metrics, {"latency": out / LATENCY_FILE, "plot": out / "latency.png"},
+                              status="failed" if passed is False else "ok")
+    if passed is False:
+        raise EupeError(f"latency gate: median {median:.2f} ms over the {budget.budget_ms:g} ms budget of "
+                        f"{device_class}/{model}/{resolution}px in {budgets} ({out / LATENCY_FILE})")
+    return result

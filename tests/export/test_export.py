@@ -1,0 +1,149 @@
+"""`eupe export`: .pte per resolution, parity against eager PyTorch in the ExecuTorch runtime, int8 PTQ,
+the delegation and parity gates, and input errors before any compute."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from eupe.config import load_config
+from eupe.errors import EupeError
+from eupe.export.export import run_export
+from eupe.models.features import extract_features
+from eupe.models.registry import build_model
+
+VIT = ["student.model=vit_t", "student.img_size=64", "student.kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]
+CONVNEXT = ["student.model=convnext_t", "student.img_size=64",
+            "student.kwargs={dims: [16, 24, 32, 48], depths: [1, 1, 1, 1]}"]
+FAST = ["export.parity_images=2", "export.calibration_images=8"]
+
+
+def _config(tiny_data: Path, weights: Path, *overrides: str):
+    return load_config(None, [f"data.root={tiny_data}", f"student.weights={weights}", *FAST, *overrides])
+
+
+def _trained_weights(path: Path, model_overrides: list[str]) -> Path:
+    """A checkpoint as the trainer writes it: ``encoder.*`` plus adapters, which export must drop."""
+    spec = load_config(None, model_overrides).student
+    torch.manual_seed(0)
+    state = {f"encoder.{k}": v.contiguous() for k, v in build_model(spec).state_dict().items()}
+    state["adapters.proxy.cls.0.weight"] = torch.randn(4, 4)
+    save_file(state, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vit_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _trained_weights(tmp_path_factory.mktemp("vit") / "encoder.safetensors", VIT)
+
+
+def _run_pte(pte: str, x: torch.Tensor) -> list[torch.Tensor]:
+    from executorch.runtime import Runtime
+
+    return list(Runtime.get().load_program(Path(pte)).load_method("forward").execute([x]))
+
+
+def _eager(cfg, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        f = extract_features(build_model(cfg.student).eval(), x)
+    return [f.cls, f.patches]
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_vit_export_fp32_and_int8_match_eager(tmp_path: Path, tiny_data: Path, vit_weights: Path):
+    # trained at 64 px, shipped at 32: the position embedding is resampled for the static graph
+    cfg = _config(tiny_data, vit_weights, *VIT, "export.resolutions=[32]", "export.int8_min_cosine=0.9")
+    out = tmp_path / "export"
+    result = run_export(cfg, out)
+    report = json.loads((out / "export.json").read_text())
+    fp32, int8 = report["models"]["student_32px_fp32"], report["models"]["student_32px_int8"]
+    for m in (fp32, int8):
+        assert m["input_shape"] == [1, 3, 32, 32] and m["bytes"] == Path(m["pte"]).stat().st_size > 0
+        assert m["export_s"] > 0 and m["passed"]
+    assert fp32["dtype"] == "fp32" and fp32["parity_cosine"] >= 0.999 and fp32["parity_max_abs"] < 1e-3
+    assert int8["dtype"] == "int8" and int8["parity_cosine"] >= 0.9
+    assert int8["bytes"] < 0.5 * fp32["bytes"]  # int8 weights
+    # attention runs inside XNNPACK (no SDPA masking ops left to the portable kernels)
+    assert not {"aten_where_self", "aten_any_dim"} & set(fp32["non_delegated_ops"])
+    assert result["status"] == "ok" and result["metrics"]["parity_cosine_fp32"] >= 0.999
+    assert (out / "export.png").stat().st_size > 0 and (out / "result.json").is_file()
+
+    # the .pte on disk runs in the ExecuTorch runtime and matches the eager model built from the checkpoint
+    x = torch.randn(1, 3, 32, 32)
+    ref = _eager(cfg, x)
+    got = _run_pte(fp32["pte"], x)
+    assert [g.shape for g in got] == [r.shape for r in ref] == [torch.Size([1, 32]), torch.Size([1, 4, 32])]
+    assert min(_cos(g, r) for g, r in zip(got, ref)) >= 0.999
+    got8 = _run_pte(int8["pte"], x)
+    assert min(_cos(g, r) for g, r in zip(got8, ref)) >= 0.8
+
+
+def test_convnext_export_and_the_parity_gate(tmp_path: Path, tiny_data: Path):
+    weights = _trained_weights(tmp_path / "convnext.safetensors", CONVNEXT)
+    # fp32 must match; an int8 bound of 1.0 cannot be met, so the step fails after writing export.json
+    cfg = _config(tiny_data, weights, *CONVNEXT, "export.resolutions=[64]", "export.int8_min_cosine=1.0")
+    out = tmp_path / "export"
+    with pytest.raises(EupeError) as err:
+        run_export(cfg, out)
+    msg = str(err.value)
+    assert "\n" not in msg and str(out / "export.json") in msg
+    assert "student_64px_int8: parity cosine" in msg and "< 1.0 (export.int8_min_cosine)" in msg
+    assert "student_64px_fp32" not in msg
+    models = json.loads((out / "export.json").read_text())["models"]
+    assert models["student_64px_fp32"]["passed"] and not models["student_64px_int8"]["passed"]
+    assert 0.5 < models["student_64px_int8"]["parity_cosine"] < 1.0
+    m = models["student_64px_fp32"]
+    assert m["input_shape"] == [1, 3, 64, 64] and m["parity_cosine"] >= 0.999
+    x = torch.randn(1, 3, 64, 64)
+    got, ref = _run_pte(m["pte"], x), _eager(cfg, x)
+    assert got[0].shape == ref[0].shape == (1, 48) and got[1].shape == ref[1].shape == (1, 4, 48)
+    assert min(_cos(g, r) for g, r in zip(got, ref)) >= 0.999
+    assert json.loads((out / "result.json").read_text())["status"] == "failed"
+
+
+def test_full_delegation_gate_lists_the_ops_left_out(tmp_path: Path, tiny_data: Path, vit_weights: Path):
+    cfg = _config(tiny_data, vit_weights, *VIT, "export.resolutions=[64]", "export.int8=false",
+                  "export.require_full_delegation=true")
+    out = tmp_path / "export"
+    left_out = r"student_64px_fp32: not delegated to XNNPACK: .*aten_native_layer_norm_default x\d"
+    with pytest.raises(EupeError, match=left_out):
+        run_export(cfg, out)
+    m = json.loads((out / "export.json").read_text())["models"]["student_64px_fp32"]
+    assert not m["passed"] and m["parity_cosine"] >= 0.999 and m["non_delegated_ops"]["aten_native_layer_norm_default"] > 0
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["export.resolutions=[60]"], "export.resolutions: 60 px is not a multiple of vit_t's patch size 16"),
+    (["data.root=/nonexistent/images"], "dataset folder not found: /nonexistent/images"),
+    (["student.weights=/nonexistent/encoder.safetensors"], "student.weights: checkpoint not found"),
+    (["student.weights=null"], "student.weights: no trained weights to export"),
+], ids=["patch-multiple", "no-data", "no-checkpoint", "no-weights"])
+def test_bad_input_fails_before_compute_and_keeps_old_output(tmp_path: Path, tiny_data: Path, vit_weights: Path,
+                                                             override: list[str], expected: str):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "export.json").write_text("{}")
+    with pytest.raises(EupeError, match=expected.replace(".", r"\.")):
+        run_export(_config(tiny_data, vit_weights, *VIT, *override), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and (out / "export.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("encoder", ["student", "proxy"])
+def test_cli_routes_weights_to_the_chosen_encoder(tmp_path: Path, tiny_data: Path, encoder: str,
+                                                  capsys: pytest.CaptureFixture[str]):
+    from eupe.cli import main
+
+    missing = tmp_path / "missing.safetensors"
+    code = main(["export", "--encoder", encoder, "--weights", str(missing), "--data", str(tiny_data),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"eupe: error: {encoder}.weights: checkpoint not found: {missing}"
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,173 @@
+"""`eupe latency`: timed runs in the ExecuTorch runtime, the budget gate, and the adb runner (a fake `adb`
+executable on PATH stands in for the phone: a real subprocess, as the step runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from eupe.cli import main
+from eupe.config import load_config
+from eupe.errors import EupeError
+from eupe.export.budgets import load_budgets
+from eupe.export.latency import run_latency
+from eupe.export.lower import lower
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pte(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny image model lowered to XNNPACK, [1, 3, 32, 32] in."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.GELU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 16)).eval()
+    path = tmp_path_factory.mktemp("pte") / "tiny.pte"
+    path.write_bytes(lower(model, torch.randn(1, 3, 32, 32)).program)
+    return path
+
+
+def _budgets(path: Path, ms: float) -> str:
+    path.write_text(f"device_classes:\n  test-cpu:\n    models:\n      tiny:\n        32: {{budget_ms: {ms}}}\n")
+    return str(path)
+
+
+def _cfg(*extra: str):
+    return load_config(None, ["latency.warmup=1", "latency.runs=5", *extra])
+
+
+def test_gate_passes_above_the_measured_time_and_fails_below(tmp_path: Path, pte: Path):
+    out = tmp_path / "ok"
+    result = run_latency(_cfg(), str(pte), out, "tiny", budgets=_budgets(tmp_path / "b1.yaml", 1e6), device_class="test-cpu")
+    report = json.loads((out / "latency.json").read_text())
+    assert report["resolution"] == 32 and report["input_shape"] == [1, 3, 32, 32] and report["runs"] == 5
+    assert len(report["runs_ms"]) == 5 and all(t > 0 for t in report["runs_ms"])
+    assert min(report["runs_ms"]) <= report["median_ms"] <= report["p90_ms"] <= max(report["runs_ms"])
+    assert report["budget_ms"] == 1e6 and report["passed"] is True and result["status"] == "ok"
+    assert (out / "latency.png").stat().st_size > 0
+
+    out = tmp_path / "slow"
+    with pytest.raises(EupeError, match=r"latency gate: median .* ms over the 1e-06 ms budget of test-cpu/tiny/32px"):
+        run_latency(_cfg(), str(pte), out, "tiny", budgets=_budgets(tmp_path / "b2.yaml", 1e-6), device_class="test-cpu")
+    report = json.loads((out / "latency.json").read_text())  # written before failing
+    assert report["passed"] is False and report["median_ms"] > 1e-6
+    assert json.loads((out / "result.json").read_text())["status"] == "failed"
+
+
+def test_cli_measures_without_budgets(tmp_path: Path, pte: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "lat"
+    code = main(["latency", "--set", "latency.runs=3", "--set", "latency.warmup=0", "--pte", str(pte),
+                 "--model", "tiny", "--resolution", "32", "--out", str(out)])
+    assert code == 0 and "latency: median" in capsys.readouterr().out
+    report = json.loads((out / "latency.json").read_text())
+    assert report["budget_ms"] is None and report["passed"] is None and len(report["runs_ms"]) == 3
+
+
+def test_pte_from_s3(tmp_path: Path, pte: Path, s3_bucket: str):
+    import boto3
+
+    boto3.session.Session().client("s3").upload_file(str(pte), s3_bucket, "models/tiny.pte")
+    uri = f"s3://{s3_bucket}/models/tiny.pte"
+    run_latency(_cfg(), uri, tmp_path / "lat", "tiny")
+    report = json.loads((tmp_path / "lat" / "latency.json").read_text())
+    assert report["pte"] == uri and report["resolution"] == 32 and len(report["runs_ms"]) == 5
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"resolution": 64}, r"--resolution 64: .* takes 32 px inputs"),
+    ({"device_class": "phone"}, r"no device class 'phone' \(have \['test-cpu'\]\)"),
+    ({"model": "vit_b"}, r"device class 'test-cpu' has no model 'vit_b' \(have \['tiny'\]\)"),
+], ids=["resolution", "device-class", "model"])
+def test_bad_input_fails_before_timing(tmp_path: Path, pte: Path, kwargs: dict, expected: str):
+    args = {"model": "tiny", "budgets": _budgets(tmp_path / "b.yaml", 10.0), "device_class": "test-cpu", **kwargs}
+    with pytest.raises(EupeError, match=expected):
+        run_latency(_cfg(), str(pte), tmp_path / "out", **args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_repo_budgets_hold_the_paper_reference_row():
+    budgets = load_budgets(str(REPO / "configs" / "latency_budgets.yaml"))
+    row = budgets.lookup("iphone-15-pro-cpu", "vit_b", 256, "latency_budgets.yaml")
+    assert (row.budget_ms, row.gflops) == (216, 47) and budgets.device_classes["iphone-15-pro-cpu"].reference
+    assert budgets.lookup("ci-cpu", "demo_student", 64, "latency_budgets.yaml").budget_ms > 0
+
+
+# --- adb --------------------------------------------------------------------------------------------
+
+FAKE_ADB = """#!/bin/sh
+# a stand-in for Android's adb: `devices` lists DEVICES; push/shell succeed; the runner prints its timings
+if [ "$1" = "devices" ]; then
+  printf 'List of devices attached\\n%s\\n' "$DEVICES"
+  exit 0
+fi
+[ "$1" = "-s" ] && shift 2
+echo "$@" >> "$ADB_LOG"
+case "$*" in
+  *executor_runner*--num_executions=*)
+    n=$(echo "$*" | sed 's/.*--num_executions=\\([0-9]*\\).*/\\1/')
+    i=1
+    while [ "$i" -le "$n" ]; do
+      echo "I 00:00:00.100 executorch:executor_runner.cpp:600] Iteration $i of $n: $((i * 10)).5 ms" >&2
+      i=$((i + 1))
+    done
+    echo "I 00:00:00.200 executorch:executor_runner.cpp:620] Model executed successfully $n time(s) in 1.0 ms." >&2
+    ;;
+esac
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_adb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    adb = bindir / "adb"
+    adb.write_text(FAKE_ADB)
+    adb.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    monkeypatch.setenv("ADB_LOG", str(tmp_path / "adb.log"))
+    return tmp_path / "adb.log"
+
+
+def _adb_cli(tmp_path: Path, pte: Path, *extra: str) -> int:
+    runner = tmp_path / "executor_runner"
+    runner.write_bytes(b"\x7fELF")
+    return main(["latency", "--device", "adb", "--runner", str(runner), "--set", "latency.warmup=2", "--set",
+                 "latency.runs=4", "--pte", str(pte), "--model", "tiny", "--out", str(tmp_path / "out"), *extra])
+
+
+def test_adb_without_a_device_fails_with_one_line(tmp_path: Path, pte: Path, fake_adb: Path, monkeypatch,
+                                                  capsys: pytest.CaptureFixture[str]):
+    monkeypatch.setenv("DEVICES", "")
+    assert _adb_cli(tmp_path, pte) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eupe: error: adb: no device attached") and "\n" not in err
+    monkeypatch.setenv("DEVICES", "R58M123\tunauthorized")
+    assert _adb_cli(tmp_path, pte) == 2
+    assert "no device attached (R58M123: unauthorized)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not fake_adb.exists()  # nothing pushed
+
+
+def test_adb_not_installed(tmp_path: Path, pte: Path, monkeypatch, capsys: pytest.CaptureFixture[str]):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert _adb_cli(tmp_path, pte) == 2
+    assert capsys.readouterr().err.strip().startswith("eupe: error: adb not found on PATH")
+
+
+def test_adb_pushes_runs_and_parses_the_runner_timings(tmp_path: Path, pte: Path, fake_adb: Path, monkeypatch):
+    monkeypatch.setenv("DEVICES", "R58M123\tdevice")
+    assert _adb_cli(tmp_path, pte) == 0
+    report = json.loads((tmp_path / "out" / "latency.json").read_text())
+    assert report["device"] == "adb" and report["where"] == "adb R58M123"
+    assert report["runs_ms"] == [30.5, 40.5, 50.5, 60.5]  # iterations 3-6: the first 2 are warm-up
+    assert report["median_ms"] == 45.5
+    calls = fake_adb.read_text().splitlines()
+    assert any(c.startswith("push") and c.endswith("/data/local/tmp/eupe/tiny.pte") for c in calls)
+    assert any(c.startswith("push") and c.endswith("/data/local/tmp/eupe/executor_runner") for c in calls)
+    assert "--model_path=/data/local/tmp/eupe/tiny.pte --num_executions=6" in calls[-1]
