@@ -23,7 +23,10 @@ with the same numbers for the teacher forward and the student forward+backward a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import platform
 import statistics
 import sys
@@ -115,14 +118,13 @@ class Stage2Step:
         g = torch.Generator().manual_seed(seed)
         self.images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
         self.step_no = 0
+        self.last_loss = float("nan")
         self.teacher_params = sum(p.numel() for t in self.targets for p in t.model.parameters())
         self.student_params = sum(p.numel() for p in self.model.parameters())
 
     def __call__(self, phase: Callable[[str], object] | None = None) -> dict[str, float]:
         """Run one step; ``phase(name)`` returns a context manager wrapped around each phase.
         Returns the wall time of each phase (seconds)."""
-        import contextlib
-
         ctx = phase or (lambda name: contextlib.nullcontext())
         cfg, targets, stats, images = self.cfg, self.targets, self.stats, self.images
         times = {}
@@ -139,7 +141,7 @@ class Stage2Step:
             parts = {t.name: distill_loss(*preds[t.name], *normed[t.name], cfg.loss) for t in targets}
             loss = sum(t.loss_weight * parts[t.name] for t in targets) / 1  # accum == 1
             loss.backward()
-            loss.item()
+            self.last_loss = loss.item()  # the trainer syncs on these too
             for v in parts.values():
                 v.item()
         t2 = time.perf_counter()
@@ -165,23 +167,77 @@ def count_flops(step: Stage2Step) -> dict[str, int]:
     return flops
 
 
+class MatmulProbe:
+    """fp32 ``torch.mm`` of n x n matrices at the current thread count. ``sample()`` times ``reps`` products
+    and keeps their median; the benchmark samples before every timed step and after the last one, so the
+    reference rate is measured under the same conditions as the steps it is compared with."""
+
+    def __init__(self, n: int = 2048, reps: int = 3):
+        g = torch.Generator().manual_seed(0)
+        self.n, self.reps = n, reps
+        self.a, self.b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        self.c = torch.empty(n, n)
+        self.samples: list[float] = []
+
+    def sample(self) -> float:
+        ts = []
+        for _ in range(self.reps):
+            t = time.perf_counter()
+            torch.mm(self.a, self.b, out=self.c)
+            ts.append(time.perf_counter() - t)
+        rate = 2 * self.n**3 / statistics.median(ts)
+        self.samples.append(rate)
+        return rate
+
+
 def matmul_rate(n: int = 2048, warmup: int = 2, reps: int = 7) -> float:
     """fp32 ``torch.mm`` FLOP/s of n x n matrices, median over ``reps`` (current thread count)."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    c = torch.empty(n, n)
+    probe = MatmulProbe(n, reps)
     for _ in range(warmup):
-        torch.mm(a, b, out=c)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b, out=c)
-        ts.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(ts)
+        torch.mm(probe.a, probe.b, out=probe.c)
+    return probe.sample()
 
 
-def _fmt_rate(x: float) -> str:
-    return f"{x / 1e9:8.1f}"
+class OtherLoad:
+    """CPU seconds that OTHER processes used while this one ran (Linux ``/proc/stat`` minus our own
+    ``process_time``), as a number of cores. A shared machine makes a 2-thread OpenMP step several
+    times slower, so the benchmark reports it instead of silently printing a low fraction."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), time.process_time()
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:9]]
+            return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def cores(self) -> float | None:
+        busy, wall = self._busy(), time.perf_counter() - self.t0
+        if busy is None or self.busy0 is None or wall <= 0:
+            return None
+        return max(0.0, (busy - self.busy0) - (time.process_time() - self.own0)) / wall
+
+
+def spare_cpus(threads: int) -> float:
+    """CPUs other processes may use without taking one from this benchmark's threads (+0.2 slack)."""
+    return max(0, (os.cpu_count() or threads) - threads) + 0.2
+
+
+def wait_idle(limit_s: float, threshold: float = 0.2, window_s: float = 3.0) -> tuple[bool, float]:
+    """Wait up to ``limit_s`` for a ``window_s`` in which other processes use < ``threshold`` CPUs."""
+    t0 = time.perf_counter()
+    while True:
+        probe = OtherLoad()
+        time.sleep(window_s)
+        other = probe.cores()
+        if other is None or other < threshold:
+            return True, time.perf_counter() - t0
+        if time.perf_counter() - t0 >= limit_s:
+            return False, time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -195,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--student", default="vit_small_patch16_224", help="student (timm name)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--matmul-n", type=int, default=2048, help="size of the reference fp32 matmul")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="first wait up to S seconds for other processes to leave the CPUs idle")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
@@ -202,19 +260,34 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    t_all = time.perf_counter()
 
     t_build = time.perf_counter()
     step = Stage2Step(args.batch, args.size, args.hidden, args.teacher, args.student)
     t_build = time.perf_counter() - t_build
 
-    mm_rate = matmul_rate(args.matmul_n)
+    idle = None
+    if args.wait_idle > 0:
+        idle = wait_idle(args.wait_idle, spare_cpus(threads))
+    probe = MatmulProbe(args.matmul_n)
+    probe.sample()  # warms the BLAS up; not kept
+    probe.samples.clear()
     for _ in range(args.warmup):
         step()
-    runs = [step() for _ in range(args.steps)]
+    load = OtherLoad()
+    runs = []
+    for _ in range(args.steps):
+        probe.sample()
+        runs.append(step())
+    probe.sample()
+    other_cores = load.cores()
+    t_flops = time.perf_counter()
     flops = count_flops(step)
-    mm_rate_after = matmul_rate(args.matmul_n)  # bracket the steps: a drifting machine shows here
+    t_flops = time.perf_counter() - t_flops
 
+    mm_rate = statistics.median(probe.samples)
     med = {k: statistics.median(r[k] for r in runs) for k in (*PHASES, "step")}
+    best = min(r["step"] for r in runs)
     rows = {}
     for key, label in (("step", "full step"), ("teacher", "teacher fwd (inference)"),
                        ("student", "student fwd+bwd (+adapter, loss)"), ("optim", "clip + AdamW + sched")):
@@ -223,36 +296,56 @@ def main(argv: list[str] | None = None) -> dict:
             "label": label, "seconds": med[key], "images_per_s": args.batch / med[key], "flops": flops[key],
             "flop_per_s": rate, "fraction_of_matmul": rate / mm_rate, "share_of_step_time": med[key] / med["step"],
         }
+    if not math.isfinite(step.last_loss):
+        raise SystemExit(f"the step's loss is not finite ({step.last_loss}): the benchmark measured a broken step")
+    frac = rows["step"]["fraction_of_matmul"]
+    best_frac = flops["step"] / best / max(probe.samples)
+    wall = time.perf_counter() - t_all
 
     print(f"EUPE stage-2 step: {args.teacher} (frozen, {step.teacher_params / 1e6:.1f}M) -> {args.student} "
           f"+ TargetAdapter(hidden={args.hidden}) ({step.student_params / 1e6:.1f}M trainable), "
-          f"{args.size}px, batch {args.batch}, fp32, {platform.processor() or platform.machine()}")
-    print(f"torch {torch.__version__}, threads {threads}, warm-up {args.warmup}, median of {args.steps} steps, "
-          f"build {t_build:.1f}s")
+          f"{args.size}px, batch {args.batch}, fp32, {platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, threads {threads}, warm-up {args.warmup}, median of {args.steps} steps")
     print(f"fp32 torch.mm {args.matmul_n}x{args.matmul_n}: {mm_rate / 1e9:.1f} GFLOP/s "
-          f"(after the steps: {mm_rate_after / 1e9:.1f})")
+          f"(median of {len(probe.samples)} samples taken between the steps, "
+          f"{min(probe.samples) / 1e9:.1f}-{max(probe.samples) / 1e9:.1f})")
     print()
     hdr = f"{'part':34s} {'ms':>9s} {'%time':>6s} {'img/s':>7s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'of mm':>6s}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows.values():
         print(f"{r['label']:34s} {r['seconds'] * 1e3:9.1f} {r['share_of_step_time'] * 100:5.1f}% "
-              f"{r['images_per_s']:7.2f} {r['flops'] / 1e9:8.1f} {_fmt_rate(r['flop_per_s'])} "
+              f"{r['images_per_s']:7.2f} {r['flops'] / 1e9:8.1f} {r['flop_per_s'] / 1e9:8.1f} "
               f"{r['fraction_of_matmul'] * 100:5.1f}%")
     print()
-    frac = rows["step"]["fraction_of_matmul"]
     print(f"full step: {rows['step']['images_per_s']:.2f} img/s, {rows['step']['flop_per_s'] / 1e9:.1f} GFLOP/s "
-          f"= {frac * 100:.1f}% of the fp32 matmul rate (goal >= 40%)")
+          f"= {frac * 100:.1f}% of the fp32 matmul rate (goal >= 40%); "
+          f"best step {args.batch / best:.2f} img/s = {best_frac * 100:.1f}% of the best matmul sample")
+    step_list = " ".join(f"{r['step']:.2f}" for r in runs)
+    print(f"steps (s): {step_list}; build {t_build:.1f}s, "
+          f"FLOP count {t_flops:.1f}s, total {wall:.0f}s; "
+          f"loss {step.last_loss:.4f}")
+    if idle is not None:
+        print(f"waited {idle[1]:.0f}s for idle CPUs: {'ok' if idle[0] else 'gave up, machine still busy'}")
+    if other_cores is not None:
+        print(f"other processes used {other_cores:.2f} of {os.cpu_count()} CPUs during the timed steps")
+        if other_cores > spare_cpus(threads):
+            print(f"WARNING: other processes took CPUs from this run's {threads} threads while timing; times and "
+                  "fractions are not this step's own (rerun on an idle machine, with --wait-idle 300, "
+                  "or with fewer --threads)")
 
     out = {
         "benchmark": "train_throughput", "stage": STAGE, "teacher": args.teacher, "student": args.student,
         "size": args.size, "batch": args.batch, "adapter_hidden": args.hidden, "dtype": "float32",
-        "threads": threads, "warmup_steps": args.warmup, "timed_steps": args.steps,
+        "threads": threads, "cpus": os.cpu_count(), "warmup_steps": args.warmup, "timed_steps": args.steps,
         "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-        "matmul": {"n": args.matmul_n, "flop_per_s": mm_rate, "flop_per_s_after": mm_rate_after},
+        "matmul": {"n": args.matmul_n, "flop_per_s": mm_rate, "samples": probe.samples},
         "images_per_s": rows["step"]["images_per_s"], "flops_per_step": flops["step"],
         "flop_per_s": rows["step"]["flop_per_s"], "fraction_of_matmul": frac,
+        "best_step_fraction_of_best_matmul": best_frac,
         "parts": rows, "step_seconds_all": [r["step"] for r in runs],
+        "phase_seconds_all": runs, "other_processes_cpus": other_cores,
+        "wall_s": wall, "last_loss": step.last_loss,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict
     s_mean, s_std = model_inputs(encoder, rt.device)
     ddp = DistributedDataParallel(model) if rt.world_size > 1 else model
 
-    opt = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=st.lr, betas=st.betas)
+    opt = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=st.lr, betas=st.betas, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(st.iters, st.warmup_iters, st.min_lr_ratio))
 
     # --- resume ----------------------------------------------------------------------------------
