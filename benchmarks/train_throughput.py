@@ -1,12 +1,12 @@
 """Throughput of ONE stage-2 training step, measured against this machine's own matmul rate.
 
-The step is the trainer's loop body (``eupe.distill.trainer._train``) for one micro-batch, built from
-the same library pieces, because the loop body is not exposed as a function:
+The step is the trainer's loop body for one micro-batch, from the trainer's own functions
+(``build_distill_model``, ``build_optimizer``, ``target_batch``, ``student_loss``):
 
     frozen proxy   ``build_targets`` (registry ``build_model`` + ``freeze``): ViT-B/16 geometry, 256 px,
                    forward under ``torch.inference_mode`` via ``target_features``
     statistics     ``FeatureStats`` with zeros/ones (what ``eupe normalize`` would have written)
-    student        ``DistillModel(build_model(ViT-S/16 @ 256), {proxy: TargetAdapter(hidden=3072)})``
+    student        ``build_distill_model``: ViT-S/16 @ 256 with one TargetAdapter (hidden 3072) for the proxy
     loss           ``distill_loss`` with the paper's ``LossConfig``
     optimizer      AdamW on ``param_groups``, grad clipping, ``warmup_cosine`` LR schedule
 
@@ -38,14 +38,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from eupe.config import Config, ModelSpec
-from eupe.distill.loss import distill_loss
 from eupe.distill.normalize import FeatureStats
-from eupe.distill.runtime import warmup_cosine
-from eupe.distill.targets import build_targets, model_inputs, prepare, student_spec, target_features
-from eupe.distill.trainer import DistillModel, draw_resolutions, param_groups
-from eupe.models.adapter import TargetAdapter
+from eupe.distill.targets import build_targets, model_inputs, prepare
+from eupe.distill.trainer import build_distill_model, build_optimizer, draw_resolutions, student_loss, target_batch
 from eupe.models.features import feature_dims
-from eupe.models.registry import build_model
 
 STAGE = 2
 PHASES = ("teacher", "student", "optim")  # teacher fwd | student fwd+bwd (adapter, loss) | clip+AdamW+sched
@@ -103,15 +99,9 @@ class Stage2Step:
         for t in self.targets:
             c, p = feature_dims(t.model, size)
             self.stats[t.name] = FeatureStats(torch.zeros(c), torch.ones(c), torch.zeros(p), torch.ones(p))
-        field_name, spec = student_spec(self.cfg, STAGE)
-        encoder = build_model(spec, field_name)
-        s_dims = feature_dims(encoder, min(st.resolutions))
-        self.model = DistillModel(encoder, {t.name: TargetAdapter(s_dims, self.stats[t.name].dims, st.adapter_hidden)
-                                            for t in self.targets})
-        self.model.to(device).train()
-        self.s_mean, self.s_std = model_inputs(encoder, device)
-        self.opt = torch.optim.AdamW(param_groups(self.model, st.weight_decay), lr=st.lr, betas=st.betas)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(st.iters, st.warmup_iters, st.min_lr_ratio))
+        self.model = build_distill_model(self.cfg, STAGE, self.stats, self.targets).to(device).train()
+        self.s_mean, self.s_std = model_inputs(self.model.encoder, device)
+        self.opt, self.sched = build_optimizer(self.model, st)
         self.grad_clip = st.grad_clip
         # The loader hands uint8 crops at the largest configured size (here == every model's size,
         # so ``prepare`` does not resample, as in the trainer's stage 2).
@@ -131,15 +121,12 @@ class Stage2Step:
         t0 = time.perf_counter()
         sizes = draw_resolutions(cfg, STAGE, self.step_no, targets)
         with ctx("teacher"):
-            feats = {t.name: target_features(t, images, sizes[t.name]) for t in targets}
+            grids, normed = target_batch(targets, stats, images, sizes)
         t1 = time.perf_counter()
         times["teacher"] = t1 - t0
         with ctx("student"):
-            normed = {t.name: stats[t.name].apply(feats[t.name].cls, feats[t.name].patches) for t in targets}
             x = prepare(images, sizes["student"], self.s_mean, self.s_std)
-            preds = self.model(x, {t.name: feats[t.name].grid for t in targets})
-            parts = {t.name: distill_loss(*preds[t.name], *normed[t.name], cfg.loss) for t in targets}
-            loss = sum(t.loss_weight * parts[t.name] for t in targets) / 1  # accum == 1
+            loss, parts = student_loss(self.model, x, grids, normed, targets, cfg.loss)  # accumulation 1
             loss.backward()
             self.last_loss = loss.item()  # the trainer syncs on these too
             for v in parts.values():

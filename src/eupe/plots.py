@@ -10,6 +10,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Lay out, write under a hidden temporary name, then rename: a reader never sees half a PNG."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def loss_curve(history: dict, path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     steps = range(1, len(history["loss"]) + 1)
@@ -21,9 +31,4 @@ def loss_curve(history: dict, path: Path, title: str = "") -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from eupe.plots import plt, save_figure  # Agg backend set there
 
 __all__ = ["balance_bars", "resolution_histogram", "stats_scatter"]
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def resolution_histogram(df: pd.DataFrame, resolutions: list[int], min_side: int, path: Path) -> Path:
@@ -39,7 +30,7 @@ def resolution_histogram(df: pd.DataFrame, resolutions: list[int], min_side: int
     ax.set_ylabel("images")
     ax.set_title(f"resolution ({sides.size} decodable images; dashed: stage-3 buckets)")
     ax.legend(loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def balance_bars(groups: dict[str, dict[str, int]], path: Path) -> Path:
@@ -55,7 +46,7 @@ def balance_bars(groups: dict[str, dict[str, int]], path: Path) -> Path:
             ax.text(0.5, 0.5, f"no {kind} labels", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(f"{kind} balance")
         ax.set_ylabel("images")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def stats_scatter(df: pd.DataFrame, outliers: pd.Series, path: Path) -> Path:
@@ -72,4 +63,4 @@ def stats_scatter(df: pd.DataFrame, outliers: pd.Series, path: Path) -> Path:
     ax.set_xlim(-0.02, 1.02)
     ax.set_title("per-image statistics")
     ax.legend(loc="upper right")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from eupe import results, storage
-from eupe.config import Config
+from eupe.config import Config, LossConfig, StageConfig
 from eupe.data.sources import ImageStream, open_data, stream_loader
 from eupe.data.loader import StepBatchSampler, sample_seed, step_loader
 from eupe.distill import checkpoint
@@ -79,6 +79,38 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_distill_model(cfg: Config, stage: int, stats: dict[str, FeatureStats], targets: list[Target]) -> DistillModel:
+    """The stage's encoder with one adapter per target, sized from the target's frozen statistics."""
+    st = cfg.stage(stage)
+    field_name, spec = student_spec(cfg, stage)
+    encoder = build_model(spec, field_name)
+    s_dims = feature_dims(encoder, min(st.resolutions))
+    return DistillModel(encoder, {t.name: TargetAdapter(s_dims, stats[t.name].dims, st.adapter_hidden) for t in targets})
+
+
+def build_optimizer(model: nn.Module, st: StageConfig):
+    """AdamW (fused kernel: one op per group instead of several per tensor), cosine with warm-up."""
+    opt = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=st.lr, betas=st.betas, fused=True)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(st.iters, st.warmup_iters, st.min_lr_ratio))
+
+
+def target_batch(targets: list[Target], stats: dict[str, FeatureStats], images: torch.Tensor,
+                 sizes: dict[str, int]) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Each frozen target once on the micro-batch at its drawn size: token grids and normalized features."""
+    feats = {t.name: target_features(t, images, sizes[t.name]) for t in targets}
+    normed = {name: stats[name].apply(f.cls, f.patches) for name, f in feats.items()}
+    return {name: f.grid for name, f in feats.items()}, normed
+
+
+def student_loss(model: nn.Module, x: torch.Tensor, grids: dict[str, tuple[int, int]],
+                 normed: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: list[Target],
+                 loss_cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Student forward through every adapter; the weighted EUPE loss and its value per target."""
+    preds = model(x, grids)
+    parts = {t.name: distill_loss(*preds[t.name], *normed[t.name], loss_cfg) for t in targets}
+    return sum(t.loss_weight * parts[t.name] for t in targets), parts
+
+
 def preflight(cfg: Config, stage: int, norm: str, init: str | None) -> None:
     """Every input named by the run exists, before any model is built or any file written."""
     check_models(cfg, stage)
@@ -117,18 +149,13 @@ def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict
     missing = [t.name for t in targets if t.name not in stats]
     if missing:
         raise EupeError(f"--norm {norm} has no statistics for {missing} (has {sorted(stats)})")
-    field_name, spec = student_spec(cfg, stage)
-    encoder = build_model(spec, field_name)
-    s_dims = feature_dims(encoder, min(st.resolutions))
-    model = DistillModel(encoder, {t.name: TargetAdapter(s_dims, stats[t.name].dims, st.adapter_hidden) for t in targets})
+    model = build_distill_model(cfg, stage, stats, targets)
     if init is not None:  # stage 3 continues the stage-2 encoder and adapters
         load_init(model, init)
     model.to(rt.device).train()
-    s_mean, s_std = model_inputs(encoder, rt.device)
+    s_mean, s_std = model_inputs(model.encoder, rt.device)
     ddp = DistributedDataParallel(model) if rt.world_size > 1 else model
-
-    opt = torch.optim.AdamW(param_groups(model, st.weight_decay), lr=st.lr, betas=st.betas, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(st.iters, st.warmup_iters, st.min_lr_ratio))
+    opt, sched = build_optimizer(model, st)
 
     # --- resume ----------------------------------------------------------------------------------
     ckpt_dir = out / "checkpoints"
@@ -169,14 +196,12 @@ def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict
             images, _, bad = next(batches)
             skipped += int(bad.sum())  # undecodable files replaced in this micro-batch
             with rt.autocast():
-                feats = {t.name: target_features(t, images, sizes[t.name]) for t in targets}
-            normed = {t.name: stats[t.name].apply(feats[t.name].cls, feats[t.name].patches) for t in targets}
+                grids, normed = target_batch(targets, stats, images, sizes)
             x = prepare(images, sizes["student"], s_mean, s_std)
             sync = micro == accum - 1 or rt.world_size == 1
             with (ddp.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
-                preds = ddp(x, {t.name: feats[t.name].grid for t in targets})
-                parts = {t.name: distill_loss(*preds[t.name], *normed[t.name], cfg.loss) for t in targets}
-                loss = sum(t.loss_weight * parts[t.name] for t in targets) / accum
+                loss, parts = student_loss(ddp, x, grids, normed, targets, cfg.loss)
+                loss = loss / accum
             loss.backward()
             step_loss += loss.item()
             for name, v in parts.items():

@@ -4,21 +4,13 @@ example each of the segmentation probe, the depth probe and the keypoint matches
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from eupe.plots import plt  # Agg backend set there
+from eupe.plots import plt, save_figure  # Agg backend set there
 
 
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def _rgb(image: torch.Tensor) -> np.ndarray:
@@ -47,7 +39,7 @@ def metrics_chart(scores: dict[str, float], path: Path, baseline: dict[str, floa
             ax.set_title(title)
             if baseline:
                 ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def seg_example(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, num_classes: int, path: Path) -> Path:
@@ -61,7 +53,7 @@ def seg_example(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, nu
     for ax, t in zip(axes, ("held-out image", "mask", "linear probe")):
         ax.set_title(t)
         ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def depth_example(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, path: Path) -> Path:
@@ -75,7 +67,7 @@ def depth_example(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, 
         ax.set_title(t)
         ax.axis("off")
     fig.colorbar(im, ax=axes[2], fraction=0.046)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def keypoint_example(image: torch.Tensor, warped: torch.Tensor, source: torch.Tensor, predicted: torch.Tensor,
@@ -90,4 +82,4 @@ def keypoint_example(image: torch.Tensor, warped: torch.Tensor, source: torch.Te
         ax.plot([x0, x1 + width], [y0, y1], color=colour, linewidth=0.8, alpha=0.8, marker=".", markersize=4)
     ax.set_title(f"keypoint matches: {int(correct.sum())}/{int(valid.sum())} correct (image | warp)")
     ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)

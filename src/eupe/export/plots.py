@@ -4,19 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from eupe.plots import plt, save_figure  # Agg backend set there
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def export_report(models: dict[str, dict], path: Path) -> Path:
@@ -37,7 +27,7 @@ def export_report(models: dict[str, dict], path: Path) -> Path:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("ExecuTorch export (XNNPACK): blue fp32, orange int8")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def latency_histogram(runs_ms: list[float], median_ms: float, budget_ms: float | None, path: Path, title: str) -> Path:
@@ -51,4 +41,4 @@ def latency_histogram(runs_ms: list[float], median_ms: float, budget_ms: float |
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
