@@ -21,7 +21,6 @@ HTTP on loopback: it measures the client path, not a network.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import _free_port, _wait_until_up  # noqa: E402 - the tests' moto_server helpers
 
+from eupe import storage  # noqa: E402
 from eupe.data.folder import ImageFolder  # noqa: E402
 from eupe.data.loader import StepBatchSampler, step_loader  # noqa: E402
 from eupe.data.sources import Mixture, S3ImageFolder, ShardStream, stream_loader, write_shards  # noqa: E402
@@ -156,7 +156,7 @@ def main() -> None:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        storage.write_json(str(args.json), rows)
 
 
 if __name__ == "__main__":

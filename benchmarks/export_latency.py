@@ -16,7 +16,6 @@ initialised (latency does not depend on the weights); int8 is calibrated on rand
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import _cpu_attention_flops, matmul_rate  # noqa: E402
 
+from eupe import storage  # noqa: E402
 from eupe.config import ModelSpec  # noqa: E402
 from eupe.export.lower import EncoderOutputs, fixed_size, lower  # noqa: E402
 from eupe.export.runtime import load_forward, threads, time_runs  # noqa: E402
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
            "machine": platform.machine(),
            "matmul": {"n": args.matmul_n, "flop_per_s_before": mm_before, "flop_per_s_after": mm_after}, "rows": rows}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        storage.write_json(str(args.json), out)
         print(f"wrote {args.json}")
     return out
 

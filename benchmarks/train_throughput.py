@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from eupe import storage
 from eupe.config import Config, ModelSpec
 from eupe.distill.normalize import FeatureStats
 from eupe.distill.targets import build_targets, model_inputs, prepare
@@ -335,8 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": wall, "last_loss": step.last_loss,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        storage.write_json(str(args.json), out)
         print(f"wrote {args.json}")
     return out
 
