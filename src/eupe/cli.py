@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
-from eupe.commands import config_args, load
+from eupe.commands import config_args, input_overrides, load
 from eupe.data import commands as data_commands
 from eupe.errors import EupeError
 from eupe.evaluate import commands as evaluate_commands
@@ -21,20 +22,10 @@ from eupe.export import commands as export_commands
 STEP_COMMANDS: list = [evaluate_commands, export_commands]
 
 
-def _stage_inputs(args: argparse.Namespace) -> list[str]:
-    """Input URIs given as flags become config overrides, so a step's inputs are explicit on its command line."""
-    extra = []
-    if getattr(args, "data", None):
-        extra += [f"data.root={args.data}", "data.sources=[]"]  # --data replaces a configured mixture
-    if getattr(args, "proxy", None):
-        extra.append(f"proxy.weights={args.proxy}")
-    return extra
-
-
 def cmd_normalize(args: argparse.Namespace) -> None:
     from eupe.distill.normalize import run_normalize
 
-    cfg = load(args, _stage_inputs(args))
+    cfg = load(args, input_overrides(args))
     result = run_normalize(cfg, args.stage, Path(args.out), manifest=args.manifest)
     print(result["artifacts"]["stats"])
 
@@ -42,7 +33,7 @@ def cmd_normalize(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from eupe.distill.trainer import train
 
-    cfg = load(args, _stage_inputs(args))
+    cfg = load(args, input_overrides(args))
     result = train(cfg, args.stage, Path(args.out), norm=args.norm, init=args.init, resume=args.resume)
     if result:
         m = result["metrics"]
@@ -61,6 +52,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(args.config, Path(args.out), args.overrides, data=Path(args.data) if args.data else None,
              version=args.version_data)
+
+
+def one_line(e: EupeError) -> str:
+    """The message itself, also when a DataLoader worker raised it: torch re-raises it with the worker's
+    traceback appended, whose last line is ``module.ClassName: message``."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = re.sub(r"^[\w.]+: ", "", text.splitlines()[-1])
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except EupeError as e:
-        print(f"eupe: error: {e}", file=sys.stderr)
+        print(f"eupe: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -317,8 +317,9 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: config field {field!r}: {msg}{shown}{more}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (or the paper defaults when ``path`` is None) and apply ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str | tuple[str, Any]] | None = None) -> Config:
+    """Read a YAML recipe (or the paper defaults when ``path`` is None) and apply overrides: ``"key=value"``
+    strings (the value parsed as YAML, as from ``--set``) or ``(key, value)`` pairs taken literally."""
     source = str(path) if path else "<defaults>"
     tree: dict[str, Any] = {}
     if path is not None:
@@ -335,10 +336,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = loaded or {}
     tree = _merge(Config().model_dump(mode="python"), tree)
     for item in overrides or []:
-        if "=" not in item:
+        if isinstance(item, tuple):  # (key, value) from an input flag: taken as is, never parsed as YAML
+            key, value = item
+        elif "=" not in item:
             raise EupeError(f"override {item!r}: expected key.path=value")
-        key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw), source)
+        else:
+            key, raw = item.split("=", 1)
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                raise EupeError(f"override {item!r}: value is not valid YAML (quote it)") from None
+        _set_path(tree, key.strip(), value, source)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

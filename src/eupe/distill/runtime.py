@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from eupe.config import Config
+from eupe.errors import EupeError
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def setup(cfg: Config) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config device=cuda but no CUDA device is visible")
+        raise EupeError("config field 'device': cuda, but no CUDA device is visible")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:

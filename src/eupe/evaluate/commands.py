@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from eupe.commands import config_args, load
+from eupe.commands import config_args, input_overrides, load
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from eupe.cli import _stage_inputs  # --data and --proxy become config overrides, as for every step
     from eupe.evaluate.run import run_evaluate
 
-    cfg = load(args, _stage_inputs(args))
+    cfg = load(args, input_overrides(args))
     result = run_evaluate(cfg, args.encoder, Path(args.out), weights=args.weights, checkpoint=args.checkpoint,
                           norm=args.norm, baseline=args.baseline)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result["metrics"].items() if v is not None}

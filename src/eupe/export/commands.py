@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from eupe.commands import config_args, load
+from eupe.commands import config_args, input_overrides, load
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from eupe.export.export import run_export
 
-    extra = [f"data.root={args.data}"] if args.data else []
+    extra = input_overrides(args)
     if args.weights:
-        extra.append(f"{args.encoder}.weights={args.weights}")
+        extra.append((f"{args.encoder}.weights", args.weights))
     result = run_export(load(args, extra), Path(args.out), encoder=args.encoder)
     m = result["metrics"]
     parity = ", ".join(f"{k.removeprefix('parity_cosine_')} {v:.5f}" for k, v in m.items() if k.startswith("parity_cosine_"))
