@@ -22,6 +22,13 @@ def write_result(out: Path | str, step: str, metrics: dict[str, Any], artifacts:
     return result
 
 
+def clear_result(out: Path | str) -> None:
+    """A step that starts over removes its earlier ``result.json`` first: a stale "ok" must not outlive a crash."""
+    path = Path(str(out)) / RESULT_FILE
+    if not storage.is_s3(str(out)) and path.exists():
+        path.unlink()
+
+
 def window_mean(values: list[float], fraction: float = 0.2, cap: int = 100) -> tuple[float, float]:
     """Mean of the first and of the last ``fraction`` of a curve (1 to ``cap`` points each): per-step
     losses are noisy, and in stage 3 they depend on the resolutions each step drew."""

@@ -84,5 +84,8 @@ class DistillImages(Dataset):
 def step_loader(source: ImageSource, size: int, sampler: StepBatchSampler, num_workers: int,
                 crop_scale: tuple[float, float] = (0.35, 1.0), hflip: bool = True, pin_memory: bool = False) -> DataLoader:
     dataset = DistillImages(source, size, crop_scale, hflip, train=True)
+    # Its own generator: starting the workers must not draw from the global RNG, which a resumed run
+    # restores from the checkpoint (dropout, drop-path) and which must match an uninterrupted run's.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(sampler.seed))

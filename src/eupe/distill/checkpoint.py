@@ -38,22 +38,25 @@ def tensors_for_disk(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
 
 
-def save(root: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = 2) -> Path:
+def save(root: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = 2,
+         first: bool = False) -> Path:
+    """Write ``step_<step>`` atomically, point ``latest.json`` at it, keep the newest ``keep``. ``first``:
+    the first save of a fresh run, which replaces every checkpoint an older run left in ``root``."""
     final = root / f"step_{step:08d}"
     with storage.atomic_dir(final) as tmp:
         save_file(tensors_for_disk(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
         torch.save({**train_state, "step": step}, tmp / STATE_FILE)
     storage.write_json(str(root / "latest.json"), {"step": step, "path": final.name})
-    prune(root, keep)
+    prune(root, keep, newest=final if first else None)
     return final
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints. Anything else named ``step_*`` goes too: the
-    ``.tmp-*`` / ``.old-*`` leftovers of a run killed mid-save would otherwise sort among the
-    checkpoints and push real ones out (only rank 0 writes here, so none of them is in use)."""
-    entries = list(root.glob("step_*"))
-    for path in set(entries) - set(_complete(root)[-keep:]):
+def prune(root: Path, keep: int, newest: Path | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints (or ``newest`` alone). Anything else named ``step_*``
+    goes too: the ``.tmp-*`` / ``.old-*`` leftovers of a run killed mid-save would otherwise sort among
+    the checkpoints and push real ones out (only rank 0 writes here, so none of them is in use)."""
+    kept = {newest} if newest is not None else set(_complete(root)[-keep:])
+    for path in set(root.glob("step_*")) - kept:
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -17,11 +17,12 @@ from tqdm import tqdm
 
 from eupe import storage
 from eupe.config import Config
-from eupe.data.folder import open_source
+from eupe.data.sources import ImageStream, open_data
 from eupe.data.loader import DistillImages
 from eupe.distill.targets import build_targets, check_models, target_features
 from eupe.errors import EupeError
-from eupe.results import write_result
+from eupe.distill.runtime import pick_device
+from eupe.results import clear_result, write_result
 
 _FIELDS = ("cls_mean", "cls_std", "patch_mean", "patch_std")
 
@@ -118,7 +119,11 @@ def run_normalize(cfg: Config, stage: int, out: Path, manifest: str | None = Non
     stratified by domain and class without undecodable files and outliers, otherwise a seeded
     uniform sample of the dataset. The images used are listed in the stats' metadata."""
     check_models(cfg, stage)
-    source = open_source(cfg.data.root)
+    source = open_data(cfg.data, cfg.seed)
+    if isinstance(source, ImageStream):
+        raise EupeError(f"normalize: {cfg.data.root} streams (.tar shards); normalize needs random access: "
+                        "point --data at an image folder of the same data (local or s3://)")
+    clear_result(out)
     strata: dict[str, int] | None = None
     if manifest is not None:
         indices, strata = _manifest_batch(cfg, source, manifest)
@@ -126,7 +131,7 @@ def run_normalize(cfg: Config, stage: int, out: Path, manifest: str | None = Non
         g = torch.Generator().manual_seed(cfg.seed)
         indices = sorted(torch.randperm(len(source), generator=g)[:cfg.normalization.num_images].tolist())
     n = len(indices)
-    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg)
     targets = build_targets(cfg, stage, device)
     size = max(r for t in targets for r in t.resolutions)
     loader = DataLoader(Subset(DistillImages(source, size, train=False), indices),

@@ -38,19 +38,33 @@ class Runtime:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def agree(self, value: int, what: str) -> None:
+        """Fail on every rank at once when ranks see different values (e.g. checkpoints not shared)."""
+        if self.world_size == 1:
+            return
+        t = torch.tensor([value, -value], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if t[0].item() != -t[1].item():
+            raise EupeError(f"ranks disagree on {what} ({-t[1].item()}..{t[0].item()}): every rank must see the same --out")
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
 
 
+def pick_device(cfg: Config) -> torch.device:
+    """``device: auto`` takes this process's GPU (``LOCAL_RANK`` under torchrun) when there is one."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise EupeError("config field 'device': cuda, but no CUDA device is visible")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+
+
 def setup(cfg: Config) -> Runtime:
     """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise EupeError("config field 'device': cuda, but no CUDA device is visible")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = pick_device(cfg)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     rank = 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,8 @@ from eupe.distill import checkpoint
 from eupe.distill.loss import distill_loss
 from eupe.distill.normalize import FeatureStats, load_stats
 from eupe.distill.runtime import Runtime, setup, teardown, warmup_cosine
-from eupe.distill.targets import Target, build_targets, check_models, model_inputs, prepare, student_spec, target_features
+from eupe.distill.targets import (Target, build_targets, check_models, model_inputs, prepare, student_spec,
+                                  target_features, target_specs)
 from eupe.errors import EupeError
 from eupe.models.adapter import TargetAdapter
 from eupe.models.features import extract_features, feature_dims
@@ -111,44 +111,61 @@ def student_loss(model: nn.Module, x: torch.Tensor, grids: dict[str, tuple[int, 
     return sum(t.loss_weight * parts[t.name] for t in targets), parts
 
 
-def preflight(cfg: Config, stage: int, norm: str, init: str | None) -> None:
-    """Every input named by the run exists, before any model is built or any file written."""
+def accumulation(st: StageConfig, stage: int, world_size: int = 1) -> int:
+    """Micro-batches per rank and step that reach the global batch; one line when it does not split."""
+    per_rank = st.batch_size // world_size
+    if per_rank * world_size != st.batch_size or per_rank % st.micro_batch_size:
+        raise EupeError(f"stage{stage}.batch_size {st.batch_size} does not split into {world_size} rank(s) "
+                        f"x micro batches of {st.micro_batch_size}")
+    return per_rank // st.micro_batch_size
+
+
+def preflight(cfg: Config, stage: int, norm: str, init: str | None) -> dict[str, FeatureStats]:
+    """Every input named by the run exists and fits, before any model is built or any file written.
+    Returns the frozen statistics (checked: one entry per target, computed for this stage)."""
     check_models(cfg, stage)
+    accumulation(cfg.stage(stage), stage)
     if not storage.exists(norm):
         raise EupeError(f"--norm: normalization stats not found: {norm}")
     if init is not None and not storage.exists(init):
         raise EupeError(f"--init: checkpoint not found: {init}")
-    st = cfg.stage(stage)
-    if st.batch_size % st.micro_batch_size:
-        raise EupeError(f"stage{stage}.batch_size {st.batch_size} is not a multiple of micro_batch_size {st.micro_batch_size}")
+    stats, meta = load_stats(norm)
+    missing = [name for name, *_ in target_specs(cfg, stage) if name not in stats]
+    if missing:
+        raise EupeError(f"--norm {norm} has no statistics for {missing} (has {sorted(stats)})")
+    if meta.get("stage", stage) != stage:
+        raise EupeError(f"--norm {norm} was computed for stage {meta['stage']}, not stage {stage}")
+    return stats
+
+
+def check_dims(targets: list[Target], stats: dict[str, FeatureStats], norm: str, size: int) -> None:
+    """The statistics were computed on these very targets (same feature widths)."""
+    for t in targets:
+        dims = feature_dims(t.model, size)
+        if tuple(dims) != tuple(stats[t.name].dims):
+            raise EupeError(f"--norm {norm}: {t.name} has feature dims {stats[t.name].dims}, the model gives {dims}")
 
 
 def train(cfg: Config, stage: int, out: Path, norm: str, init: str | None = None, resume: bool = False) -> dict:
     st = cfg.stage(stage)
-    preflight(cfg, stage, norm, init)
+    stats = preflight(cfg, stage, norm, init)
     source = open_data(cfg.data, cfg.seed)  # data.sources mixed by weight, or data.root
     rt = setup(cfg)
     try:
-        return _train(cfg, stage, st, Path(out), norm, init, resume, source, rt)
+        return _train(cfg, stage, st, Path(out), norm, stats, init, resume, source, rt)
     finally:
         teardown()
 
 
-def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict:
+def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime) -> dict:
     torch.manual_seed(cfg.seed)
-    per_rank = st.batch_size // rt.world_size
-    if per_rank * rt.world_size != st.batch_size or per_rank % st.micro_batch_size:
-        raise EupeError(
-            f"stage{stage}.batch_size {st.batch_size} does not split into {rt.world_size} ranks x micro batches of {st.micro_batch_size}"
-        )
-    accum = per_rank // st.micro_batch_size
+    accum = accumulation(st, stage, rt.world_size)
+    if rt.is_main:
+        results.clear_result(out)
 
     # --- models: frozen targets, their frozen statistics, the student and its adapters -------------
     targets = build_targets(cfg, stage, rt.device)
-    stats, _ = load_stats(norm)
-    missing = [t.name for t in targets if t.name not in stats]
-    if missing:
-        raise EupeError(f"--norm {norm} has no statistics for {missing} (has {sorted(stats)})")
+    check_dims(targets, stats, norm, min(r for t in targets for r in t.resolutions))
     model = build_distill_model(cfg, stage, stats, targets)
     if init is not None:  # stage 3 continues the stage-2 encoder and adapters
         load_init(model, init)
@@ -163,9 +180,7 @@ def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict
     last = checkpoint.latest(ckpt_dir) if resume else None
     if resume and last is None:
         log.warning("--resume: no complete checkpoint under %s, starting from step 0", ckpt_dir)
-    if last is None and rt.is_main and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # a fresh run: an older run's checkpoints must not outrank this one's
-    rt.barrier()
+    fresh = last is None  # an older run's checkpoints stay until this run has saved its first one
     if last is not None:
         weights, state = checkpoint.load(last)
         model.load_state_dict(weights)
@@ -175,6 +190,7 @@ def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict
         history = History(**state["history"])
         start = state["step"]
         log.info("resumed from %s at step %d", last, start)
+    rt.agree(start, "the step to resume from")
 
     load_size = max([*st.resolutions, *(r for t in targets for r in t.resolutions)])
     if isinstance(source, ImageStream):  # .tar shards: streamed; a resume skips the micro-batches already seen
@@ -228,7 +244,8 @@ def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict
                 last_ckpt = checkpoint.save(ckpt_dir, step + 1, model.state_dict(), {
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "rng": checkpoint.rng_state(), "history": history.__dict__,
-                })
+                }, first=fresh)
+            fresh = False
             rt.barrier()
     bar.close()
     wall = time.perf_counter() - t0
@@ -244,10 +261,14 @@ def _train(cfg, stage, st, out, norm, init, resume, source, rt: Runtime) -> dict
 
 
 def load_init(model: DistillModel, uri: str) -> None:
-    """Start from an earlier stage's checkpoint: the encoder always, adapters whose shapes still fit."""
+    """Start from an earlier stage's checkpoint: every encoder weight (a partial load would hide a changed
+    student config), and the adapters whose shapes still fit (a stage may change the adapter width)."""
     state = read_state_dict(uri)
     own = model.state_dict()
+    enc = [k for k in own if k.startswith("encoder.")]
+    bad = [k for k in enc if k not in state or state[k].shape != own[k].shape]
+    if bad:
+        raise EupeError(f"--init {uri}: {len(bad)} of {len(enc)} encoder weights missing or of another shape "
+                        f"for {type(model.encoder).__name__} (e.g. {bad[0]})")
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not any(k.startswith("encoder.") for k in fits):
-        raise EupeError(f"--init {uri}: no encoder weights that fit {type(model.encoder).__name__}")
     model.load_state_dict(fits, strict=False)
