@@ -212,3 +212,12 @@ def test_shard_labels_from_json_and_cls_and_bad_label_named(tmp_path, tiny_data)
     assert (first.uri, first.label, first.domain) == (f"{path}#x/a.png", 2, "web")
     with pytest.raises(EupeError, match=r"s\.tar#x/b: bad \.cls/\.json label"):
         next(records)  # x/n (no image) is passed over, x/b has a non-integer .cls
+
+
+def test_s3_glob_stays_within_one_path_segment(s3_bucket, shards):
+    from eupe.data.sources import _expand_glob
+
+    prefix = _upload(shards[0].parent, s3_bucket, "lvd")
+    boto3.client("s3").upload_file(str(shards[0]), s3_bucket, "lvd/old/stale.tar")
+    found = _expand_glob(f"{prefix}/*.tar")
+    assert len(found) == len(shards) and not any("/old/" in u for u in found)  # as a local glob would

@@ -418,7 +418,8 @@ def _expand_glob(pattern: str) -> list[str]:
     if storage.is_s3(pattern):
         first = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
         base = pattern[:first].rpartition("/")[0]
-        found = [u for u in storage.list_uris(base) if fnmatch.fnmatchcase(u, pattern)]
+        depth = pattern.count("/")  # like a local glob, `*` stays within one path segment
+        found = [u for u in storage.list_uris(base) if u.count("/") == depth and fnmatch.fnmatchcase(u, pattern)]
     else:
         found = sorted(glob.glob(pattern))
     if not found:
