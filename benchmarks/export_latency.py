@@ -4,7 +4,7 @@ the FLOP floor.
 
 The exported graph is the one ``eupe export`` writes (``eupe.export.lower``: ``fixed_size`` +
 ``EncoderOutputs`` -> ``lower``), timed with ``eupe.export.runtime.time_runs`` as ``eupe latency``
-does. FLOP floor = the model's forward FLOPs (``torch.utils.flop_counter.FlopCounterMode``, CPU
+does (eager PyTorch too). FLOP floor = the model's forward FLOPs (``torch.utils.flop_counter.FlopCounterMode``, CPU
 attention counted as in ``benchmarks/train_throughput.py``) / this machine's fp32 ``torch.mm`` rate,
 measured in the same run (2048 x 2048, before and after the timings). Models are randomly
 initialised (latency does not depend on the weights); int8 is calibrated on random images.
@@ -16,6 +16,7 @@ initialised (latency does not depend on the weights); int8 is calibrated on rand
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import sys
@@ -35,18 +36,6 @@ from eupe.export.runtime import load_forward, threads, time_runs  # noqa: E402
 from eupe.models.registry import build_model  # noqa: E402
 
 
-def eager_ms(module: torch.nn.Module, x: torch.Tensor, warmup: int, runs: int) -> list[float]:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            module(x)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            module(x)
-            times.append((time.perf_counter() - t) * 1e3)
-    return times
-
-
 def forward_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
     counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
     with torch.inference_mode(), counter:
@@ -61,18 +50,19 @@ def bench_model(name: str, size: int, warmup: int, runs: int, calibration: int) 
     eager = EncoderOutputs(model).eval()
     x = torch.randn(1, 3, size, size)
     row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "flops": forward_flops(eager, x)}
-    row["eager_ms"] = statistics.median(eager_ms(eager, x, warmup, runs))
+    with torch.inference_mode():
+        row["eager_ms"] = statistics.median(time_runs(lambda: eager(x), warmup, runs))
     static = EncoderOutputs(fixed_size(model, spec, size))
     g = torch.Generator().manual_seed(1)
     for dtype in ("fp32", "int8"):
         calib = [torch.randn(1, 3, size, size, generator=g) for _ in range(calibration)] if dtype == "int8" else None
         t = time.perf_counter()
-        lowered = lower(static, x, calib)
+        lowered = lower(static, x, calib, f"{name}_{dtype}")
         row[f"{dtype}_export_s"] = time.perf_counter() - t
         row[f"{dtype}_bytes"] = len(lowered.program)
         row[f"{dtype}_non_delegated"] = lowered.non_delegated
-        method = load_forward(lowered.program, f"{name}_{dtype}")
-        row[f"{dtype}_ms"] = statistics.median(time_runs(method, x, warmup, runs))
+        forward = load_forward(lowered.program, f"{name}_{dtype}")
+        row[f"{dtype}_ms"] = statistics.median(time_runs(functools.partial(forward, x), warmup, runs))
     return row
 
 

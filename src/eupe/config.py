@@ -177,6 +177,8 @@ class EvalConfig(_Strict):
     ignore_index: int = Field(default=255, ge=0)  # mask value that is not scored (ADE20k-style "unlabelled")
     warp_strength: float = Field(default=0.15, ge=0, lt=0.5)  # corner jitter of the keypoint homography, fraction of the side
     pck_alpha: float = Field(default=0.1, gt=0)
+    # A baseline metric this run did not produce (e.g. fidelity without --checkpoint) fails the gate unless true.
+    allow_missing_metrics: bool = False
     # Absolute tolerated drop (rise for depth_rmse) against a baseline eval.json, per metric.
     tolerances: dict[str, float] = Field(default_factory=lambda: {
         "knn_top1": 0.01, "seg_miou": 0.01, "depth_rmse": 0.02, "depth_delta1": 0.01, "keypoint_pck": 0.01, "fidelity": 0.01,

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import boto3
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from eupe.cli import main
 from eupe.data.synth import synthesize
+from eupe.distill.normalize import FeatureStats, save_stats
 from eupe.evaluate.gate import gated_values
 
 KEYS = ("knn_top1", "seg_miou", "depth_rmse", "depth_delta1", "keypoint_pck", "fidelity")
@@ -75,18 +78,30 @@ def test_evaluate_trained_student_then_gate(tiny_config: Path, dense_data: Path,
     assert gated_values(again) == pytest.approx(gated_values(ev))
     assert again["gate"]["passed"] and not again["gate"]["regressed"]
 
+    # The same encoder without --checkpoint/--norm: the baseline's fidelity is missing, which fails by default.
+    capsys.readouterr()
+    partial = tmp_path / "partial"
+    assert main(["evaluate", *cfg, *FAST, "--weights", str(ckpt), "--baseline", str(out / "eval.json"),
+                 "--out", str(partial)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("eupe: error: quality gate failed") and "fidelity.proxy missing from this run" in err
+    record = json.loads((partial / "eval.json").read_text())
+    assert record["gate"]["missing"] == ["fidelity.proxy"] and record["gate"]["regressed"] == []
+
     # A planted regression: the production model was better at segmentation. Fails, names it, keeps the record.
     planted = tmp_path / "planted.json"
     planted.write_text(json.dumps({**{k: ev[k] for k in KEYS}, "seg_miou": ev["seg_miou"] + 0.2}))
     capsys.readouterr()
     failed = tmp_path / "failed"
-    assert main(["evaluate", *cfg, *FAST, "--weights", str(ckpt), "--baseline", str(planted), "--out", str(failed)]) == 2
+    assert main(["evaluate", *cfg, *FAST, "--set", "eval.allow_missing_metrics=true", "--weights", str(ckpt),
+                 "--baseline", str(planted), "--out", str(failed)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
     assert err.startswith("eupe: error: quality gate failed") and "\n" not in err
     assert "seg_miou dropped to" in err and f"baseline {ev['seg_miou'] + 0.2:.4f}" in err and "knn_top1" not in err
+    assert "missing" not in err
     record = json.loads((failed / "eval.json").read_text())
     assert record["gate"]["regressed"] == ["seg_miou"] and record["fidelity"] is None
-    assert record["gate"]["skipped"] == ["fidelity.proxy"]  # the same encoder, but no adapters: not compared
+    assert record["gate"]["skipped"] == ["fidelity.proxy"] and record["gate"]["missing"] == []  # allowed: skipped
     status = json.loads((failed / "result.json").read_text())
     assert status["status"] == "failed" and status["metrics"]["gate_passed"] is False
 
@@ -129,6 +144,16 @@ def test_bad_inputs_fail_in_one_line_before_any_output(tiny_config: Path, dense_
     assert "--norm" in fails("--checkpoint", str(tmp_path / "model.safetensors"))
     assert "missing.safetensors" in fails("--weights", str(tmp_path / "missing.safetensors"))
     assert "--baseline" in fails("--baseline", str(tiny_config))  # YAML, not an eval.json
+    # An encoder-only checkpoint (no adapters.*) with valid stage-3 statistics: refused before encoding.
+    stats = FeatureStats(*(torch.ones(64) for _ in range(4)))
+    save_stats(str(tmp_path / "norm.safetensors"), {"proxy": stats}, {"stage": 3})
+    encoder_only = tmp_path / "encoder.safetensors"
+    save_file({"encoder.unused": torch.zeros(1)}, str(encoder_only))
+    err = fails("--checkpoint", str(encoder_only), "--norm", str(tmp_path / "norm.safetensors"))
+    assert f"--checkpoint {encoder_only}: no adapter for target 'proxy' (adapters: none)" in err
+    shard = tmp_path / "train-0000.tar"
+    tarfile.open(shard, "w").close()
+    assert f"data {shard}: evaluation needs an image folder" in fails("--data", str(shard))
     broken = tmp_path / "broken"
     shutil.copytree(dense_data, broken)
     victim = next(broken.rglob("*.mask.png"))
@@ -139,3 +164,15 @@ def test_bad_inputs_fail_in_one_line_before_any_output(tiny_config: Path, dense_
     for m in broken.rglob("*.mask.png"):
         m.unlink()
     assert f"{rgb}: depth label must be a 16-bit PNG" in fails("--data", str(broken))
+
+
+def test_masks_without_a_labelled_pixel_skip_segmentation(tiny_config: Path, dense_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "unlabelled"
+    shutil.copytree(dense_data, data)
+    for m in data.rglob("*.mask.png"):
+        Image.new("L", Image.open(m).size, 255).save(m)  # every pixel eval.ignore_index
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--config", str(tiny_config), "--data", str(data), *FAST, "--out", str(out)]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["seg_miou"] is None and "eval.ignore_index (255)" in ev["skipped"]["seg_miou"]
+    assert isinstance(ev["depth_rmse"], float) and not (out / "seg_example.png").exists()

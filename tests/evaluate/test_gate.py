@@ -45,12 +45,22 @@ def test_direction_matters_lower_rmse_and_higher_scores_are_improvements() -> No
     assert gate.check(worse_rmse, gate.gated_values(BASE), TOL)["regressed"] == ["depth_rmse"]
 
 
-def test_fidelity_is_gated_per_target_and_missing_metrics_are_skipped() -> None:
+def test_fidelity_is_gated_per_target_and_missing_metrics_fail_by_default() -> None:
     baseline = gate.gated_values({**BASE, "fidelity": {"proxy": 0.9, "pecore": 0.8}})
-    current = _with(seg_miou=None, fidelity={"proxy": 0.5})
+    current = _with(seg_miou=None, fidelity={"proxy": 0.95, "dinov3": 0.7})  # no regression, two baseline metrics gone
     outcome = gate.check(current, baseline, TOL)
-    assert outcome["regressed"] == ["fidelity.proxy"]
-    assert outcome["skipped"] == ["fidelity.pecore", "seg_miou"]
+    assert not outcome["passed"] and outcome["regressed"] == []
+    assert outcome["missing"] == ["fidelity.pecore", "seg_miou"] and outcome["skipped"] == ["fidelity.dinov3"]
+    message = gate.failure_message(outcome, "prod/eval.json")
+    assert "\n" not in message and "fidelity.pecore, seg_miou missing from this run" in message
+
+    allowed = gate.check(current, baseline, TOL, allow_missing=True)
+    assert allowed["passed"] and allowed["missing"] == []
+    assert allowed["skipped"] == ["fidelity.dinov3", "fidelity.pecore", "seg_miou"]
+    worse = gate.check(_with(seg_miou=None, fidelity={"proxy": 0.5}), baseline, TOL, allow_missing=True)
+    assert not worse["passed"] and worse["regressed"] == ["fidelity.proxy"]
+    assert load_config(None, ["eval.allow_missing_metrics=true"]).eval.allow_missing_metrics
+    assert not EvalConfig().allow_missing_metrics
 
 
 def test_several_regressions_are_all_named_in_one_line() -> None:

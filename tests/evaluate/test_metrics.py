@@ -7,11 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from eupe.distill.normalize import FeatureStats
+from eupe.distill.targets import Target
 from eupe.evaluate import knn, probes
 from eupe.evaluate.data import split
-from eupe.evaluate.keypoints import cell_centres, match
+from eupe.evaluate.fidelity import fidelity_batch
+from eupe.evaluate.keypoints import cell_centres, match, upsample_matrix
 from eupe.evaluate.warp import homography_from_points, random_homographies, transform_points, warp_images
+from eupe.models.features import Features, extract_features
 
 SIZE = 64
 
@@ -85,7 +90,39 @@ def test_keypoints_can_be_restricted_and_identity_matches_itself() -> None:
     only[:, :10] = True
     m = match(src, grid, src, grid, identity, (SIZE, SIZE), src_valid=only)
     assert int(m.valid.sum()) == 20 and int(m.correct.sum()) == 20
-    torch.testing.assert_close(m.predicted[m.valid], m.truth[m.valid])
+    # predictions are pixel centres; a 4-px cell's centre is a pixel corner: half a pixel off in x and y at most
+    assert (m.predicted - m.truth)[m.valid].abs().max() <= 0.5
+
+
+def _linear_position_features(points: torch.Tensor) -> torch.Tensor:
+    """[.., 2] pixel positions -> [.., 3] features linear in x and y (the constant keeps cosine similarity
+    largest at the same position)."""
+    xy = (points.float() - SIZE / 2) / (SIZE / 2)
+    return torch.cat([xy, torch.ones_like(xy[..., :1])], -1)
+
+
+def test_pck_is_1_at_a_4x4_patch_grid() -> None:
+    # 64 px with patch 16: cell centres are 16 px apart, more than twice the 6.4 px PCK@0.1 threshold.
+    batch, grid = 8, (4, 4)
+    h = random_homographies(batch, SIZE, 0.15, torch.Generator().manual_seed(4))
+    centres = cell_centres(grid, (SIZE, SIZE))
+    src = _linear_position_features(centres).expand(batch, -1, -1)
+    dst = _linear_position_features(transform_points(torch.linalg.inv(h), centres.expand(batch, -1, -1)))
+    m = match(src, grid, dst, grid, h, (SIZE, SIZE), alpha=0.1)
+    assert m.valid.sum() >= 0.9 * batch * 16
+    assert m.correct.sum() == m.valid.sum()  # PCK@0.1 == 1.0
+    assert ((m.predicted - m.truth).norm(dim=-1)[m.valid]).max() < 2.0  # sub-cell: a few pixels at most
+    coarse = match(src, grid, dst, grid, h, (SIZE, SIZE), alpha=0.1, fine=grid)  # argmax on the patch grid itself
+    assert coarse.correct.sum() < 0.8 * coarse.valid.sum()
+
+
+def test_upsampling_reproduces_linear_features_up_to_the_border() -> None:
+    x = torch.linspace(-1, 2, 4)[None] + 3 * torch.linspace(0, 1, 5)[:, None]  # [5, 4], linear in row and column
+    up = upsample_matrix(5, 20) @ x @ upsample_matrix(4, 16).T
+    centre_y, centre_x = (torch.arange(20) + 0.5) * 5 / 20 - 0.5, (torch.arange(16) + 0.5) * 4 / 16 - 0.5
+    expected = (-1 + centre_x * 1.0)[None] + 3 * (centre_y / 4)[:, None]
+    torch.testing.assert_close(up, expected)
+    torch.testing.assert_close(upsample_matrix(1, 3), torch.ones(3, 1))
 
 
 # --------------------------------------------------------------------------- k-NN
@@ -181,7 +218,61 @@ def test_depth_metrics_known_values() -> None:
     assert scores.delta1 == pytest.approx(2 / 3)  # 3/2 = 1.5 is outside 1.25
 
 
+def test_feature_stats_are_the_per_channel_population_mean_and_std() -> None:
+    tokens = torch.randn(10, 7, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2.0, 5.0]) + 4
+    mean, std = probes.feature_stats(tokens.half(), chunk=3)
+    flat = tokens.half().double().reshape(-1, 3)
+    torch.testing.assert_close(mean, flat.mean(0).float())
+    torch.testing.assert_close(std, (flat.std(0, unbiased=False) + 1e-6).float())
+
+
 def test_probe_upsampling_is_exactly_bilinear() -> None:
     x = torch.randn(2, 3, 4, 6)
     rows, cols = probes.linear_resize_matrix(4, 32), probes.linear_resize_matrix(6, 32)
     torch.testing.assert_close(rows @ x @ cols.T, F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False))
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+class _PatchCNN(nn.Module):
+    """A target with the timm CNN interface: [B, 8, 4, 4] feature map, mean-pooled class vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 8, stride=8)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+class _Adapter(nn.Module):
+    """Student features -> ``sign * 3 *`` the target's normalized features (here the student IS the target)."""
+
+    def __init__(self, stats: FeatureStats, sign: float) -> None:
+        super().__init__()
+        self.stats, self.sign = stats, sign
+
+    def forward(self, feats: Features, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        cls, patches = self.stats.apply(feats.cls, feats.patches)
+        return self.sign * 3 * cls, self.sign * 3 * patches
+
+
+def test_fidelity_is_1_when_the_adapted_student_equals_the_normalized_target() -> None:
+    torch.manual_seed(0)
+    model = _PatchCNN().eval()
+    zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    targets = [Target(name, model, [32], 1.0, zero, one) for name in ("same", "opposite")]
+    g = torch.Generator().manual_seed(1)
+    stats = FeatureStats(torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.5,
+                         torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.5)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        student = extract_features(model, images.float() / 255)
+    adapters = {"same": _Adapter(stats, 1.0), "opposite": _Adapter(stats, -1.0)}
+    sums = fidelity_batch(student, images, targets, adapters, {"same": stats, "opposite": stats}, size=32)
+    torch.testing.assert_close(sums["same"], torch.tensor([5.0, 5.0]))  # cosine 1 for each of the 5 images
+    torch.testing.assert_close(sums["opposite"], torch.tensor([-5.0, -5.0]))

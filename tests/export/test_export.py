@@ -4,6 +4,8 @@ the delegation and parity gates, and input errors before any compute."""
 from __future__ import annotations
 
 import json
+import re
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from eupe.config import load_config
+from eupe.data.folder import open_source
+from eupe.data.loader import DistillImages
+from eupe.distill.targets import model_inputs, prepare
 from eupe.errors import EupeError
 from eupe.export.export import run_export
 from eupe.models.features import extract_features
@@ -85,6 +90,19 @@ def test_vit_export_fp32_and_int8_match_eager(tmp_path: Path, tiny_data: Path, v
     got8 = _run_pte(int8["pte"], x)
     assert min(_cos(g, r) for g, r in zip(got8, ref)) >= 0.8
 
+    # export.json's parity is the lowest per-image cosine, over both outputs, of the .pte against eager
+    # PyTorch on the last 2 dataset images: recomputed here from the files on disk
+    source = open_source(str(tiny_data))
+    model = build_model(cfg.student).eval()
+    images = torch.stack([DistillImages(source, 32, train=False)[i][0] for i in (len(source) - 2, len(source) - 1)])
+    batch = prepare(images, 32, *model_inputs(model, torch.device("cpu")))
+    ref = _eager(cfg, batch)
+    for m in (fp32, int8):
+        got = [_run_pte(m["pte"], batch[i : i + 1]) for i in range(2)]
+        cosines = [_cos(got[i][k], ref[k][i : i + 1]) for i in range(2) for k in range(2)]
+        assert m["parity_cosine"] == pytest.approx(min(cosines), abs=1e-6)
+    assert int8["parity_cosine"] < 0.9999  # int8 is not exact: the comparison above is not 1 == 1
+
 
 def test_convnext_export_and_the_parity_gate(tmp_path: Path, tiny_data: Path):
     weights = _trained_weights(tmp_path / "convnext.safetensors", CONVNEXT)
@@ -146,4 +164,13 @@ def test_cli_routes_weights_to_the_chosen_encoder(tmp_path: Path, tiny_data: Pat
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"eupe: error: {encoder}.weights: checkpoint not found: {missing}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_are_refused_before_compute(tmp_path: Path, vit_weights: Path):
+    shard = tmp_path / "train-0000.tar"
+    tarfile.open(shard, "w").close()
+    with pytest.raises(EupeError, match=re.escape(f"data {shard}: export (int8 calibration and the parity check) "
+                                                  "needs an image folder")):
+        run_export(_config(shard, vit_weights, *VIT), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -3,20 +3,24 @@ executable on PATH stands in for the phone: a real subprocess, as the step runs 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from eupe.cli import main
 from eupe.config import load_config
 from eupe.errors import EupeError
+from eupe.export.adb import parse_times
 from eupe.export.budgets import load_budgets
 from eupe.export.latency import run_latency
 from eupe.export.lower import lower
+from eupe.export.runtime import load_forward, parity, summary
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,11 +114,12 @@ case "$*" in
   *executor_runner*--num_executions=*)
     n=$(echo "$*" | sed 's/.*--num_executions=\\([0-9]*\\).*/\\1/')
     i=1
+    [ -n "$ONLY_TOTAL" ] && i=$((n + 1))  # an older runner: no per-iteration lines, only the total
     while [ "$i" -le "$n" ]; do
       echo "I 00:00:00.100 executorch:executor_runner.cpp:600] Iteration $i of $n: $((i * 10)).5 ms" >&2
       i=$((i + 1))
     done
-    echo "I 00:00:00.200 executorch:executor_runner.cpp:620] Model executed successfully $n time(s) in 1.0 ms." >&2
+    echo "I 00:00:00.200 executorch:executor_runner.cpp:620] Model executed successfully $n time(s) in $((n * 10)).0 ms." >&2
     ;;
 esac
 exit 0
@@ -171,3 +176,56 @@ def test_adb_pushes_runs_and_parses_the_runner_timings(tmp_path: Path, pte: Path
     assert any(c.startswith("push") and c.endswith("/data/local/tmp/eupe/tiny.pte") for c in calls)
     assert any(c.startswith("push") and c.endswith("/data/local/tmp/eupe/executor_runner") for c in calls)
     assert "--model_path=/data/local/tmp/eupe/tiny.pte --num_executions=6" in calls[-1]
+
+
+def test_adb_runner_printing_only_the_total_leaves_out_the_warmup_runs(tmp_path: Path, pte: Path, fake_adb: Path,
+                                                                        monkeypatch):
+    monkeypatch.setenv("DEVICES", "R58M123\tdevice")
+    monkeypatch.setenv("ONLY_TOTAL", "1")
+    assert _adb_cli(tmp_path, pte) == 0
+    report = json.loads((tmp_path / "out" / "latency.json").read_text())
+    assert report["runs_ms"] == [10.0] * 4 and report["runs"] == 4  # 6 executions in 60 ms, 2 of them warm-up
+    assert parse_times("Model executed successfully 6 time(s) in 60.0 ms.", 2) == [10.0] * 4
+    with pytest.raises(EupeError, match="executed 2 runs, not more than the 2 warm-up runs"):
+        parse_times("Model executed successfully 2 time(s) in 60.0 ms.", 2)
+
+
+# --- the runtime pieces -----------------------------------------------------------------------------
+
+
+def test_p90_and_median_of_fixed_run_times():
+    s = summary([5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 9.0, 8.0, 7.0, 6.0])
+    assert s["median_ms"] == 5.5 and s["p90_ms"] == pytest.approx(9.1)  # 9 + 0.1 * (10 - 9)
+    assert s["mean_ms"] == 5.5 and s["min_ms"] == 1.0
+
+
+def test_parity_is_the_lowest_cosine_over_outputs_and_images():
+    ref = [torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[[1.0, 1.0]], [[3.0, -1.0]]])]
+    scaled = [3 * r for r in ref]
+    assert parity(ref, scaled) == {"cosine": pytest.approx(1.0), "max_abs": pytest.approx(6.0)}
+    orthogonal = [ref[0], torch.tensor([[[1.0, 1.0]], [[1.0, 3.0]]])]  # image 1 of output 1: (3, -1) . (1, 3) = 0
+    assert parity(ref, orthogonal)["cosine"] == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(EupeError, match="parity: output of shape"):
+        parity(ref, [ref[0], ref[1][:1]])
+
+
+def test_unlowerable_op_fails_in_one_line_naming_the_model():
+    class Bicubic(nn.Module):  # antialiased bicubic upsampling: no ExecuTorch core op
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(x, size=(48, 48), mode="bicubic", antialias=True, align_corners=False)
+
+    with pytest.raises(EupeError) as err:
+        lower(Bicubic().eval(), torch.randn(1, 3, 32, 32), name="student_32px_fp32")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("student_32px_fp32: cannot lower to ExecuTorch/XNNPACK: ")
+    assert "upsample_bicubic2d_aa" in msg
+
+
+def test_loaded_program_outlives_its_buffer_and_rejects_a_wrong_input(pte: Path):
+    forward = load_forward(pte.read_bytes(), "tiny.pte")
+    gc.collect()  # the program must stay alive with its method (executing a freed one crashes the process)
+    assert forward.input_shape == (1, 3, 32, 32) and forward(torch.randn(1, 3, 32, 32))[0].shape == (1, 16)
+    with pytest.raises(EupeError, match=r"tiny\.pte: ExecuTorch execute failed: input torch\.float32 \[1, 3, 16, 16\]"):
+        forward(torch.randn(1, 3, 16, 16))
+    with pytest.raises(EupeError, match=r"tiny\.pte: ExecuTorch execute failed: input torch\.float64"):
+        forward(torch.randn(1, 3, 32, 32, dtype=torch.float64))

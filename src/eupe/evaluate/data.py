@@ -21,7 +21,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from eupe import storage
-from eupe.data.folder import DEPTH_SUFFIX, MASK_SUFFIX, ImageSource, label_uri
+from eupe.data.folder import DEPTH_SUFFIX, MASK_SUFFIX, ImageSource, label_uri, open_source
 from eupe.data.loader import DistillImages
 from eupe.errors import EupeError
 
@@ -33,6 +33,15 @@ DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L")
 class Split:
     train: list[int]
     heldout: list[int]
+
+
+def open_image_folder(root: str, purpose: str) -> ImageSource:
+    """``data.root`` as an indexable image folder (local or s3://); ``.tar`` shards (a stream) are refused:
+    evaluation and export need the same images, by index, on every run."""
+    source = open_source(root)
+    if not hasattr(source, "uri"):
+        raise EupeError(f"data {root}: {purpose} needs an image folder (local or s3://), not a stream of .tar shards")
+    return source
 
 
 def split(n: int, max_images: int, heldout_fraction: float, seed: int) -> Split:

@@ -17,22 +17,36 @@ from eupe.models.features import Features
 from eupe.models.registry import read_state_dict
 
 _PREFIX = "adapters."
+_REQUIRED = ("cls.0.weight", "patch.0.weight")  # sizes the adapter (hidden width)
 
 
-def load_adapters(checkpoint: str, stats: dict[str, FeatureStats], student_dims: tuple[int, int],
-                  names: list[str]) -> dict[str, TargetAdapter]:
-    """The adapters of ``names`` from a training checkpoint (``adapters.<target>.*`` keys)."""
+def adapter_states(checkpoint: str, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter state of each target of ``names`` in a training checkpoint (``adapters.<target>.*``
+    keys), checked before any compute: a checkpoint without them fails naming the target."""
     state = read_state_dict(checkpoint)
-    adapters = {}
+    have = sorted({k.split(".")[1] for k in state if k.startswith(_PREFIX) and k.count(".") >= 2})
+    out = {}
     for name in names:
         own = {k[len(_PREFIX) + len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{_PREFIX}{name}.")}
         if not own:
-            have = sorted({k.split(".")[1] for k in state if k.startswith(_PREFIX)})
-            raise EupeError(f"--checkpoint {checkpoint}: no adapter for target {name!r} (has {have})")
+            raise EupeError(f"--checkpoint {checkpoint}: no adapter for target {name!r} (adapters: {have or 'none'}); "
+                            "pass a training checkpoint (checkpoints/step_*/model.safetensors), not an exported encoder")
+        missing = [k for k in _REQUIRED if k not in own]
+        if missing:
+            raise EupeError(f"--checkpoint {checkpoint}: adapter {name!r} lacks {_PREFIX}{name}.{missing[0]}")
+        out[name] = own
+    return out
+
+
+def build_adapters(checkpoint: str, states: dict[str, dict[str, torch.Tensor]], stats: dict[str, FeatureStats],
+                   student_dims: tuple[int, int]) -> dict[str, TargetAdapter]:
+    """Eval-mode adapters from :func:`adapter_states`; one that does not fit the encoder or the statistics
+    fails naming it."""
+    adapters = {}
+    for name, own in states.items():
         if name not in stats:
             raise EupeError(f"--norm: no statistics for target {name!r} (has {sorted(stats)})")
-        hidden = own["cls.0.weight"].shape[0]
-        adapter = TargetAdapter(student_dims, stats[name].dims, hidden)
+        adapter = TargetAdapter(student_dims, stats[name].dims, own["cls.0.weight"].shape[0])
         try:
             adapter.load_state_dict(own)
         except RuntimeError as e:

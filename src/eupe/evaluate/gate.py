@@ -2,7 +2,9 @@
 
 Direction-aware: ``depth_rmse`` may not rise by more than its tolerance, every other metric may not
 drop by more than its tolerance. ``fidelity`` is one value per target (``fidelity.<target>``), each
-held to the ``fidelity`` tolerance. A metric missing on either side is reported as skipped.
+held to the ``fidelity`` tolerance. A metric of the baseline that this run did not produce fails the
+gate (``missing``) unless ``eval.allow_missing_metrics``, in which case it is skipped; a metric only
+this run has is skipped.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ def read_baseline(uri: str) -> dict[str, float]:
     return values
 
 
-def check(current: dict[str, Any], baseline: dict[str, float], tolerances: dict[str, float]) -> dict[str, Any]:
-    """The gate outcome: ``{"passed", "regressed": [names], "checks": [...], "skipped": [names]}``."""
+def check(current: dict[str, Any], baseline: dict[str, float], tolerances: dict[str, float],
+          allow_missing: bool = False) -> dict[str, Any]:
+    """The gate outcome: ``{"passed", "regressed": [names], "missing": [names], "checks": [...], "skipped": [names]}``."""
     values = gated_values(current)
-    checks, skipped = [], []
+    checks, skipped, missing = [], [], []
     for key in sorted(set(values) | set(baseline)):
         metric = key.split(".", 1)[0]
+        if key not in values and key in baseline and not allow_missing:
+            missing.append(key)
+            continue
         if key not in values or key not in baseline:
             skipped.append(key)
             continue
@@ -54,15 +60,20 @@ def check(current: dict[str, Any], baseline: dict[str, float], tolerances: dict[
         checks.append({"metric": key, "value": value, "baseline": base, "tolerance": tol,
                        "higher_is_better": higher, "regressed": regressed})
     regressed = [c["metric"] for c in checks if c["regressed"]]
-    return {"passed": not regressed, "regressed": regressed, "checks": checks, "skipped": skipped}
+    return {"passed": not regressed and not missing, "regressed": regressed, "missing": missing, "checks": checks,
+            "skipped": skipped}
 
 
 def failure_message(outcome: dict[str, Any], baseline_uri: str) -> str:
-    """One line naming each regressed metric with its value, the baseline and the tolerance."""
+    """One line naming each regressed metric with its value, the baseline and the tolerance, and each
+    baseline metric this run lacks."""
     parts = []
     for c in outcome["checks"]:
         if c["regressed"]:
             sign = "-" if c["higher_is_better"] else "+"
             word = "dropped" if c["higher_is_better"] else "rose"
             parts.append(f"{c['metric']} {word} to {c['value']:.4f} (baseline {c['baseline']:.4f} {sign} tolerance {c['tolerance']:g})")
+    if outcome.get("missing"):
+        parts.append(f"{', '.join(outcome['missing'])} missing from this run but present in the baseline "
+                     "(eval.allow_missing_metrics=true skips them)")
     return f"quality gate failed against {baseline_uri}: " + "; ".join(parts)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eupe.distill.normalize import StatsAccumulator
+
 
 def linear_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """[n_out, n_in]: 1-D linear interpolation (align_corners=False), so that ``U_h @ x @ U_w.T`` equals
@@ -42,16 +44,13 @@ class LinearProbe(nn.Module):
 
 
 def feature_stats(tokens: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean/std of [N, T, D] tokens, accumulated in float64 chunk by chunk."""
-    total = torch.zeros(tokens.shape[-1], dtype=torch.float64)
-    sq = torch.zeros_like(total)
+    """Per-channel mean/std (+ 1e-6) of [N, T, D] tokens, accumulated in float64 chunk by chunk."""
+    acc = StatsAccumulator()
+    acc.add("cls", tokens[:1, 0])  # its stats() reports a class-token entry too; only the patch one is used here
     for x in tokens.split(chunk):
-        x = x.reshape(-1, x.shape[-1]).double()
-        total += x.sum(0)
-        sq += (x * x).sum(0)
-    n = tokens.shape[0] * tokens.shape[1]
-    mean = total / n
-    return mean.float(), ((sq / n - mean * mean).clamp_min(0).sqrt() + 1e-6).float()
+        acc.add("patch", x)
+    s = acc.stats(1e-6)
+    return s.patch_mean, s.patch_std
 
 
 # --------------------------------------------------------------------------- segmentation

@@ -22,14 +22,14 @@ from tqdm import tqdm
 
 from eupe import storage
 from eupe.config import Config, ModelSpec
-from eupe.data.folder import ImageSource, open_source
+from eupe.data.folder import ImageSource
 from eupe.distill.normalize import load_stats
 from eupe.distill.runtime import Runtime, setup, teardown
 from eupe.distill.targets import build_targets, model_inputs, prepare, target_specs
 from eupe.errors import EupeError
 from eupe.evaluate import gate, knn, probes, report
-from eupe.evaluate.data import EvalImages, Split, available_labels, split
-from eupe.evaluate.fidelity import fidelity_batch, load_adapters
+from eupe.evaluate.data import EvalImages, Split, available_labels, open_image_folder, split
+from eupe.evaluate.fidelity import adapter_states, build_adapters, fidelity_batch
 from eupe.evaluate.keypoints import cell_centres, match, sample_mask
 from eupe.evaluate.warp import random_homographies, warp_images
 from eupe.models.features import Features, extract_features
@@ -67,6 +67,7 @@ class Inputs:
     checkpoint: str | None
     norm: str | None
     stage: int | None
+    adapters: dict[str, dict[str, torch.Tensor]] | None  # target -> its adapter's state, from --checkpoint
     baseline: dict[str, float] | None
 
 
@@ -89,7 +90,7 @@ def check_inputs(cfg: Config, name: str, weights: str | None, checkpoint: str | 
         spec = spec.model_copy(update={"weights": weights or checkpoint})
     check_model_name(spec.model, f"{field}.model")
     check_weights(spec.weights, "--weights" if weights else "--checkpoint" if checkpoint else f"{field}.weights")
-    stage = None
+    stage = adapters = None
     if checkpoint is not None:
         if name not in ("student", "proxy"):
             raise EupeError(f"--checkpoint: fidelity is measured for the trained student or proxy, not teacher {name!r}")
@@ -102,13 +103,12 @@ def check_inputs(cfg: Config, name: str, weights: str | None, checkpoint: str | 
             if tname not in stats:
                 raise EupeError(f"--norm {norm}: no statistics for target {tname!r} (has {sorted(stats)})")
             check_weights(tspec.weights, f"{where}.weights")
+        adapters = adapter_states(checkpoint, [tname for tname, *_ in target_specs(cfg, stage)])
     base = gate.read_baseline(baseline) if baseline else None
-    source = open_source(cfg.data.root)
-    if not hasattr(source, "uri"):
-        raise EupeError(f"data {cfg.data.root}: evaluation needs an image folder (local or s3://), not a stream of shards")
+    source = open_image_folder(cfg.data.root, "evaluation")
     sp = split(len(source), cfg.eval.max_images, cfg.eval.heldout_fraction, cfg.seed)
     labels = available_labels(source, sp.train + sp.heldout)
-    return Inputs(name, field, spec, source, sp, labels, checkpoint, norm, stage, base)
+    return Inputs(name, field, spec, source, sp, labels, checkpoint, norm, stage, adapters, base)
 
 
 @torch.inference_mode()
@@ -144,8 +144,13 @@ def _knn(cfg: Config, train: Encoded, held: Encoded, notes: dict) -> float | Non
     return knn.knn_top1(train.cls, train.labels, held.cls, held.labels, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 
-def _segmentation(cfg: Config, train: Encoded, held: Encoded, rt: Runtime, details: dict) -> tuple[float, Any]:
+def _segmentation(cfg: Config, train: Encoded, held: Encoded, rt: Runtime, details: dict,
+                  notes: dict) -> tuple[float | None, Any]:
     e = cfg.eval
+    for part, enc in (("training", train), ("held-out", held)):
+        if bool((enc.masks == e.ignore_index).all()):
+            notes["seg_miou"] = f"every {part} mask pixel is eval.ignore_index ({e.ignore_index}): nothing to score"
+            return None, None
     both = torch.cat([train.masks.flatten(), held.masks.flatten()])
     num_classes = int(both[both != e.ignore_index].max()) + 1
     probe, losses = probes.train_seg_probe(
@@ -169,6 +174,7 @@ def _keypoints(cfg: Config, model: torch.nn.Module, held: Encoded, rt: Runtime, 
     mean, std = model_inputs(model, rt.device)
     g = torch.Generator().manual_seed(cfg.seed)
     correct = total = 0
+    fine = min(cfg.eval.label_size, size)  # warped features upsampled to this grid: sub-cell match positions
     example: dict = {}
     for start in range(0, held.images.shape[0], cfg.eval.batch_size):
         images = held.images[start : start + cfg.eval.batch_size]
@@ -181,7 +187,7 @@ def _keypoints(cfg: Config, model: torch.nn.Module, held: Encoded, rt: Runtime, 
             values = sample_mask(held.masks[start : start + images.shape[0]], cell_centres(held.grid, (size, size)), (size, size))
             src_valid = (values != 0) & (values != cfg.eval.ignore_index)
         m = match(held.patches[start : start + images.shape[0]].to(rt.device), held.grid, dst.patches, dst.grid, h,
-                  (size, size), cfg.eval.pck_alpha, src_valid)
+                  (size, size), cfg.eval.pck_alpha, src_valid, fine=(fine, fine))
         correct, total = correct + int(m.correct.sum()), total + int(m.valid.sum())
         if not example:
             example = {"image": images[0], "warped": warped[0], "source": m.source, "predicted": m.predicted[0],
@@ -193,7 +199,7 @@ def _fidelity(cfg: Config, inputs: Inputs, held: Encoded, rt: Runtime, size: int
     stats, _ = load_stats(inputs.norm)
     targets = build_targets(cfg, inputs.stage, rt.device)
     names = [t.name for t in targets]
-    adapters = load_adapters(inputs.checkpoint, stats, (held.cls.shape[-1], held.patches.shape[-1]), names)
+    adapters = build_adapters(inputs.checkpoint, inputs.adapters, stats, (held.cls.shape[-1], held.patches.shape[-1]))
     sums = {n: torch.zeros(2) for n in names}
     bs = cfg.eval.batch_size
     for start in tqdm(range(0, held.images.shape[0], bs), desc="fidelity", unit="batch", mininterval=2):
@@ -216,7 +222,9 @@ def run_evaluate(cfg: Config, encoder: str, out: Path, weights: str | None = Non
         evaluation, examples = _evaluate(cfg, inputs, rt, size)
     finally:
         teardown()
-    outcome = gate.check(evaluation, inputs.baseline, cfg.eval.tolerances) if inputs.baseline is not None else None
+    outcome = None
+    if inputs.baseline is not None:
+        outcome = gate.check(evaluation, inputs.baseline, cfg.eval.tolerances, cfg.eval.allow_missing_metrics)
     if outcome is not None:
         evaluation["gate"] = {"baseline": baseline, **outcome}
     result = _publish(Path(out), evaluation, examples, inputs, outcome)
@@ -240,7 +248,9 @@ def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int) -> tuple[dict
     timings["knn"] = time.perf_counter() - t
     if inputs.labels["mask"]:
         t = time.perf_counter()
-        metrics["seg_miou"], examples["seg"] = _segmentation(cfg, train, held, rt, details)
+        metrics["seg_miou"], seg = _segmentation(cfg, train, held, rt, details, notes)
+        if seg is not None:
+            examples["seg"] = seg
         timings["seg_probe"] = time.perf_counter() - t
     else:
         notes["seg_miou"] = "no .mask.png labels"

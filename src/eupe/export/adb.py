@@ -3,7 +3,8 @@ run it with ``--num_executions``, parse the times it logs.
 
 ``executor_runner`` logs ``Iteration i of N: X ms`` per execution (ExecuTorch >= 1.0) and
 ``Model executed successfully N time(s) in T ms.`` at the end; with only the total (older builds)
-every run is reported as the mean.
+each of the N - warmup timed runs is reported as the mean T / N (the warm-up runs cannot be separated
+from the total, only left out of the count).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def parse_times(log: str, warmup: int) -> list[float]:
         tail = " | ".join(log.strip().splitlines()[-2:]) or "no output"
         raise EupeError(f"executor_runner printed no timing (expected 'Model executed successfully ...'): {tail}")
     n, ms = int(total.group(1)), float(total.group(2))
-    return [ms / n] * n
+    if n <= warmup:
+        raise EupeError(f"executor_runner executed {n} runs, not more than the {warmup} warm-up runs")
+    return [ms / n] * (n - warmup)
 
 
 def time_on_device(pte: Path, runner: str | None, warmup: int, runs: int, serial: str | None = None,

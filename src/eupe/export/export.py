@@ -15,15 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from eupe import storage
 from eupe.config import Config
-from eupe.data.folder import open_source
-from eupe.data.loader import DistillImages
+from eupe.data.folder import ImageSource
 from eupe.distill.targets import model_inputs, prepare
 from eupe.errors import EupeError
+from eupe.evaluate.data import EvalImages, open_image_folder
 from eupe.export.lower import EncoderOutputs, check_size, fixed_size, lower
-from eupe.export.runtime import execute, load_forward, parity
+from eupe.export.runtime import load_forward, parity
 from eupe.models.registry import build_model
 from eupe.results import write_result
 
@@ -34,13 +35,11 @@ ENCODERS = ("student", "proxy")
 CALIBRATION_BATCH = 8  # images per observed forward during int8 calibration
 
 
-def _images(source, size: int, indices: list[int], mean: torch.Tensor, std: torch.Tensor,
+def _images(source: ImageSource, size: int, indices: list[int], mean: torch.Tensor, std: torch.Tensor,
             batch: int = 1) -> Iterator[torch.Tensor]:
-    """Normalized ``[B, 3, size, size]`` inputs, resized and centre-cropped as in evaluation."""
-    dataset = DistillImages(source, size, train=False)
-    for start in range(0, len(indices), batch):
-        images = torch.stack([dataset[i][0] for i in indices[start : start + batch]])
-        yield prepare(images, size, mean, std)
+    """Normalized ``[B, 3, size, size]`` inputs: the evaluation's images (``EvalImages``, no labels)."""
+    for b in DataLoader(EvalImages(source, indices, size, size, {}), batch_size=batch):
+        yield prepare(b["image"], size, mean, std)
 
 
 def run_export(cfg: Config, out: Path, encoder: str = "student") -> dict:
@@ -50,10 +49,7 @@ def run_export(cfg: Config, out: Path, encoder: str = "student") -> dict:
     ex = cfg.export
     if spec.weights is None:
         raise EupeError(f"{encoder}.weights: no trained weights to export (pass --weights, e.g. stage3/encoder.safetensors)")
-    source = open_source(cfg.data.root)
-    if not hasattr(source, "uri"):
-        raise EupeError(f"data {cfg.data.root}: export needs an image folder (local or s3://) for calibration "
-                        "and parity, not a stream of shards")
+    source = open_image_folder(cfg.data.root, "export (int8 calibration and the parity check)")
     model = build_model(spec, encoder).eval()  # our checkpoints: encoder.* only, adapters dropped
     for r in ex.resolutions:  # a size the model cannot take fails before any export
         check_size(model, spec, r)
@@ -77,11 +73,11 @@ def run_export(cfg: Config, out: Path, encoder: str = "student") -> dict:
                 log.info("exporting %s (%s, %d px, %s)", name, spec.model, r, dtype)
                 t0 = time.perf_counter()
                 calibration = _images(source, r, calib_idx, mean, std, CALIBRATION_BATCH) if dtype == "int8" else None
-                lowered = lower(static, x[:1], calibration)
+                lowered = lower(static, x[:1], calibration, name)
                 export_s = time.perf_counter() - t0
                 storage.write_bytes(str(tmp / f"{name}.pte"), lowered.program)
-                method = load_forward(lowered.program, f"{name}.pte")
-                outputs = [execute(method, x[i : i + 1]) for i in range(len(x))]
+                forward = load_forward(lowered.program, f"{name}.pte")
+                outputs = [forward(x[i : i + 1]) for i in range(len(x))]
                 p = parity(reference, [torch.cat(o) for o in zip(*outputs, strict=True)])
                 row = {
                     "pte": str(out / f"{name}.pte"), "input_shape": [1, 3, r, r], "dtype": dtype, "resolution": r,

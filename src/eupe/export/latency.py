@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import logging
 import platform
-import statistics
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 from eupe import storage
 from eupe.config import Config
 from eupe.errors import EupeError
 from eupe.export.budgets import load_budgets
-from eupe.export.runtime import input_shape, load_forward, threads, time_runs
+from eupe.export.runtime import load_forward, summary, threads, time_runs
 from eupe.results import write_result
 
 log = logging.getLogger(__name__)
@@ -35,8 +33,8 @@ def run_latency(cfg: Config, pte_uri: str, out: Path, model: str, resolution: in
     budgets = budgets or lat.budgets
     device_class = device_class or lat.device_class
     pte = storage.local_copy(pte_uri)
-    method = load_forward(pte, str(pte_uri))
-    shape = input_shape(method)
+    forward = load_forward(pte, str(pte_uri))
+    shape = forward.input_shape
     if len(shape) != 4 or shape[-1] != shape[-2]:
         raise EupeError(f"{pte_uri}: expected a square image input [1, 3, R, R], the program takes {list(shape)}")
     if resolution is not None and resolution != shape[-1]:
@@ -46,7 +44,8 @@ def run_latency(cfg: Config, pte_uri: str, out: Path, model: str, resolution: in
 
     if device == "local":
         where = f"local {platform.machine()}, {threads()} ExecuTorch threads"
-        runs = time_runs(method, torch.randn(shape), lat.warmup, lat.runs)
+        x = torch.randn(shape)
+        runs = time_runs(lambda: forward(x), lat.warmup, lat.runs)
     elif device == "adb":
         from eupe.export.adb import time_on_device
 
@@ -54,13 +53,14 @@ def run_latency(cfg: Config, pte_uri: str, out: Path, model: str, resolution: in
         where = f"adb {serial}"
     else:
         raise EupeError(f"--device: expected local or adb, got {device!r}")
-    median, p90 = statistics.median(runs), float(np.percentile(runs, 90))
+    stats = summary(runs)
+    median, p90 = stats["median_ms"], stats["p90_ms"]
     passed = None if budget is None else median <= budget.budget_ms
     report = {
         "pte": str(pte_uri), "model": model, "resolution": resolution, "input_shape": list(shape),
         "device": device, "where": where, "device_class": device_class,
         "warmup": lat.warmup, "runs": len(runs), "runs_ms": runs,
-        "median_ms": median, "p90_ms": p90, "mean_ms": statistics.fmean(runs), "min_ms": min(runs),
+        **stats,
         "budget_ms": budget.budget_ms if budget else None, "budgets": budgets, "passed": passed,
     }
     log.info("%s: median %.3f ms, p90 %.3f ms over %d runs (%s), budget %s", Path(str(pte_uri)).name, median, p90,

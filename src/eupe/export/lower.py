@@ -12,6 +12,7 @@ from torch import nn
 
 from eupe.config import ModelSpec
 from eupe.errors import EupeError
+from eupe.export.runtime import first_line
 from eupe.models.features import extract_features
 from eupe.models.registry import build_model
 
@@ -96,20 +97,30 @@ def quantize_int8(module: nn.Module, example: torch.Tensor, calibration: Iterabl
     return convert_pt2e(prepared)
 
 
-def lower(module: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor] | None = None) -> Lowered:
+def lower(module: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor] | None = None,
+          name: str = "model") -> Lowered:
     """``torch.export`` of an eval-mode ``module`` at the static shape of ``example`` (int8 when
     ``calibration`` batches are given), lower to XNNPACK, serialize. The delegation summary comes from
-    ExecuTorch's ``get_delegation_info``."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    ExecuTorch's ``get_delegation_info``. A graph that cannot be exported, quantized or lowered fails
+    with one line naming ``name`` and the first line of the underlying error."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
-    with torch.no_grad():
-        if calibration is not None:
-            module = quantize_int8(module, example, calibration)
-        program = torch.export.export(module, (example,), strict=False)
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-    info = get_delegation_info(edge.exported_program().graph_module)
+    try:
+        with torch.no_grad():
+            if calibration is not None:
+                module = quantize_int8(module, example, calibration)
+            program = torch.export.export(module, (example,), strict=False)
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        info = get_delegation_info(edge.exported_program().graph_module)
+        buffer = bytes(edge.to_executorch().buffer)
+    except EupeError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- torch.export, the quantizer and exir raise many types, multi-line
+        raise EupeError(f"{name}: cannot lower to ExecuTorch/XNNPACK: {first_line(e)}") from None
     left = {op: b.non_delegated for op, b in sorted(info.delegation_by_operator.items())
             if b.non_delegated and op not in _PLUMBING}
-    return Lowered(bytes(edge.to_executorch().buffer), info.num_delegated_nodes, info.num_delegated_subgraphs, left)
+    return Lowered(buffer, info.num_delegated_nodes, info.num_delegated_subgraphs, left)
