@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from eupe import storage
 from eupe.distill.checkpoint import tensors_for_disk
@@ -42,9 +41,7 @@ def write_training_result(out: Path, stage: int, history: dict, metrics: dict, c
 
     out.mkdir(parents=True, exist_ok=True)
     encoder = out / "encoder.safetensors"  # the deliverable: adapters dropped
-    tmp = out / ".encoder.safetensors.tmp"
-    save_file(tensors_for_disk(encoder_state), str(tmp))
-    tmp.replace(encoder)
+    storage.write_bytes(str(encoder), save(tensors_for_disk(encoder_state)))  # atomic, as every artifact
     storage.write_json(str(out / "losses.json"), history)
     curve = loss_curve(history, out / "loss_curve.png", title=f"stage {stage}")
     first, last = window_mean(history["loss"])
@@ -56,4 +53,4 @@ def write_training_result(out: Path, stage: int, history: dict, metrics: dict, c
 
 
 def read_result(out: Path | str) -> dict:
-    return json.loads(storage.read_bytes(f"{str(out).rstrip('/')}/{RESULT_FILE}"))
+    return storage.read_json(f"{str(out).rstrip('/')}/{RESULT_FILE}")

@@ -3,6 +3,7 @@ optional). ``open_source`` also opens ``s3://`` prefixes and WebDataset shards (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -37,20 +38,29 @@ class ImageSource(Protocol):
     def domain(self, index: int) -> str | None: ...  # e.g. the mixture component; None when unknown
 
 
+def is_image(name: str) -> bool:
+    """An image file by its name, not one of the label files stored beside images."""
+    name = name.lower()
+    return name.endswith(IMAGE_SUFFIXES) and not name.endswith(LABEL_SUFFIXES)
+
+
+def class_labels(relative: Sequence[Sequence[str]]) -> tuple[list[str], list[int]]:
+    """Class = first-level folder of each relative path (files at the top level have label -1)."""
+    classes = sorted({parts[0] for parts in relative if len(parts) > 1})
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, [index[parts[0]] if len(parts) > 1 else -1 for parts in relative]
+
+
 class ImageFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.is_dir():
             raise EupeError(f"dataset folder not found: {self.root}")
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                       and not p.name.lower().endswith(LABEL_SUFFIXES))
+        files = sorted(p for p in self.root.rglob("*") if is_image(p.name) and p.is_file())
         if not files:
             raise EupeError(f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)})")
         self.files = files
-        top = [p.relative_to(self.root).parts for p in files]
-        self.classes = sorted({parts[0] for parts in top if len(parts) > 1})
-        index = {c: i for i, c in enumerate(self.classes)}
-        self.labels = [index[parts[0]] if len(parts) > 1 else -1 for parts in top]
+        self.classes, self.labels = class_labels([p.relative_to(self.root).parts for p in files])
 
     def __len__(self) -> int:
         return len(self.files)

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from eupe import storage
 from eupe.data.decode import UndecodableImage, decode
-from eupe.data.folder import IMAGE_SUFFIXES, LABEL_SUFFIXES, ImageFolder, ImageSource
+from eupe.data.folder import IMAGE_SUFFIXES, ImageFolder, ImageSource, class_labels, is_image
 from eupe.errors import EupeError
 
 if TYPE_CHECKING:
@@ -76,19 +76,7 @@ MAX_CONSECUTIVE_UNDECODABLE = 100
 _GLOB_CHARS = "*?["
 
 
-def _is_image(uri: str) -> bool:
-    name = uri.lower()
-    return name.endswith(IMAGE_SUFFIXES) and not name.endswith(LABEL_SUFFIXES)
-
-
 # --------------------------------------------------------------------------- map-style sources
-
-
-def _class_labels(relative: Sequence[Sequence[str]]) -> tuple[list[str], list[int]]:
-    """Class = first-level folder (files at the top level have label -1)."""
-    classes = sorted({parts[0] for parts in relative if len(parts) > 1})
-    index = {c: i for i, c in enumerate(classes)}
-    return classes, [index[parts[0]] if len(parts) > 1 else -1 for parts in relative]
 
 
 class S3ImageFolder:
@@ -96,10 +84,10 @@ class S3ImageFolder:
 
     def __init__(self, prefix: str):
         self.root = prefix.rstrip("/")
-        self.uris = [u for u in storage.list_uris(self.root) if _is_image(u)]
+        self.uris = [u for u in storage.list_uris(self.root) if is_image(u)]
         if not self.uris:
             raise EupeError(f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)})")
-        self.classes, self.labels = _class_labels([u[len(self.root) + 1 :].split("/") for u in self.uris])
+        self.classes, self.labels = class_labels([u[len(self.root) + 1 :].split("/") for u in self.uris])
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -441,7 +429,7 @@ def open_uri(uri: str | Path, seed: int = 0, shuffle_buffer: int = 1000) -> Imag
         if not storage.is_s3(uri) and not Path(uri).is_dir():
             raise EupeError(f"dataset folder not found: {uri}")
         files = storage.list_uris(uri)
-        images = any(_is_image(f) for f in files)
+        images = any(is_image(f) for f in files)
         shards = any(f.lower().endswith(SHARD_SUFFIX) for f in files)
         if images and shards:
             raise EupeError(f"{uri} holds both images and {SHARD_SUFFIX} shards: point at one of them")
