@@ -1,20 +1,8 @@
 import torch
-import torch.nn.functional as F
 
 from eupe.config import LossConfig
 from eupe.distill.loss import distill_loss
-
-
-def _paper_formula(s_cls, s_patch, t_cls, t_patch):
-    """Written out independently: cls cosine + 0.9 patch cosine + 0.1 patch smooth-L1 (beta 1)."""
-    def cos_dist(a, b):
-        a = a / a.norm(dim=-1, keepdim=True)
-        b = b / b.norm(dim=-1, keepdim=True)
-        return (1 - (a * b).sum(-1)).mean()
-
-    d = (s_patch - t_patch).abs()
-    smooth_l1 = torch.where(d < 1.0, 0.5 * d**2, d - 0.5).mean()
-    return cos_dist(s_cls, t_cls) + 0.9 * cos_dist(s_patch, t_patch) + 0.1 * smooth_l1
+from reference import cosine_distance, eupe_loss, smooth_l1
 
 
 def test_loss_equals_the_papers_formula():
@@ -22,7 +10,7 @@ def test_loss_equals_the_papers_formula():
     s_cls, t_cls = torch.randn(4, 24, generator=g), torch.randn(4, 24, generator=g)
     s_patch, t_patch = torch.randn(4, 49, 32, generator=g) * 2, torch.randn(4, 49, 32, generator=g) * 2
     got = distill_loss(s_cls, s_patch, t_cls, t_patch, LossConfig())
-    torch.testing.assert_close(got, _paper_formula(s_cls, s_patch, t_cls, t_patch), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, eupe_loss(s_cls, s_patch, t_cls, t_patch), rtol=1e-6, atol=1e-6)
 
 
 def test_loss_is_zero_on_perfect_prediction_and_has_gradients():
@@ -33,8 +21,22 @@ def test_loss_is_zero_on_perfect_prediction_and_has_gradients():
     assert s.grad is not None and s.grad.abs().sum() > 0
 
 
-def test_weights_come_from_config():
-    s_cls, t_cls, s_patch, t_patch = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+def test_each_weight_scales_its_own_term():
+    g = torch.Generator().manual_seed(1)
+    s_cls, t_cls = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    s_patch, t_patch = torch.randn(3, 6, 8, generator=g) * 3, torch.randn(3, 6, 8, generator=g)
+    cfg = LossConfig(cls_cosine=2.0, patch_cosine=0.5, patch_smooth_l1=0.25, smooth_l1_beta=0.5)
+    expected = (2.0 * cosine_distance(s_cls, t_cls) + 0.5 * cosine_distance(s_patch, t_patch)
+                + 0.25 * smooth_l1(s_patch, t_patch, beta=0.5))
+    torch.testing.assert_close(distill_loss(s_cls, s_patch, t_cls, t_patch, cfg), expected, rtol=1e-6, atol=1e-6)
     only_l1 = LossConfig(cls_cosine=0, patch_cosine=0, patch_smooth_l1=1.0, smooth_l1_beta=0.5)
-    torch.testing.assert_close(distill_loss(s_cls, s_patch, t_cls, t_patch, only_l1),
-                               F.smooth_l1_loss(s_patch, t_patch, beta=0.5))
+    torch.testing.assert_close(distill_loss(s_cls, s_patch, t_cls, t_patch, only_l1), smooth_l1(s_patch, t_patch, beta=0.5))
+
+
+def test_bf16_inputs_give_the_fp32_loss_of_their_values():
+    g = torch.Generator().manual_seed(2)
+    s_cls, t_cls = torch.randn(2, 8, generator=g).bfloat16(), torch.randn(2, 8, generator=g)
+    s_patch, t_patch = torch.randn(2, 5, 8, generator=g).bfloat16(), torch.randn(2, 5, 8, generator=g)
+    got = distill_loss(s_cls, s_patch, t_cls, t_patch, LossConfig())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, eupe_loss(s_cls.float(), s_patch.float(), t_cls, t_patch), rtol=1e-6, atol=1e-6)

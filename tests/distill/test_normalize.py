@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from eupe.cli import main
-from eupe.distill.normalize import StatsAccumulator, load_stats, save_stats
+from eupe.distill.normalize import FeatureStats, StatsAccumulator, load_stats, save_stats
 from eupe.errors import EupeError
+from reference import standardize
 
 
 def _stats_of(cls, patches, eps=1e-6):
@@ -76,3 +77,28 @@ def test_normalize_step_records_images_and_training_leaves_stats_untouched(tiny_
     # re-running the step gives the same statistics (idempotent)
     assert main(["normalize", "--config", str(tiny_config), "--stage", "1", "--out", str(tmp_path / "again")]) == 0
     assert hashlib.sha256((tmp_path / "again" / "norm.safetensors").read_bytes()).hexdigest() == digest
+
+
+def test_apply_is_x_minus_mean_over_std_for_class_and_patch_tokens():
+    g = torch.Generator().manual_seed(3)
+    stats = FeatureStats(cls_mean=torch.randn(6, generator=g), cls_std=torch.rand(6, generator=g) * 3 + 0.1,
+                         patch_mean=torch.randn(4, generator=g), patch_std=torch.rand(4, generator=g) * 3 + 0.1)
+    cls, patches = torch.randn(5, 6, generator=g), torch.randn(5, 7, 4, generator=g)
+    n_cls, n_patch = stats.apply(cls, patches)
+    torch.testing.assert_close(n_cls, standardize(cls, stats.cls_mean, stats.cls_std))
+    torch.testing.assert_close(n_patch, standardize(patches, stats.patch_mean, stats.patch_std))
+    assert stats.dims == (6, 4)
+    # bf16 features (autocast) are normalized in fp32
+    b_cls, b_patch = stats.apply(cls.bfloat16(), patches.bfloat16())
+    assert b_cls.dtype == b_patch.dtype == torch.float32
+    torch.testing.assert_close(b_patch, standardize(patches.bfloat16().float(), stats.patch_mean, stats.patch_std))
+
+
+def test_std_adds_eps_and_constant_channels_do_not_divide_by_zero():
+    cls = torch.tensor([[1.0, 5.0], [3.0, 5.0]])  # channel 0: mean 2, std 1; channel 1 constant
+    patches = torch.tensor([[[0.0], [4.0]], [[2.0], [2.0]]])  # one channel: mean 2, population std sqrt(2)
+    s = _stats_of(cls, patches, eps=0.5)
+    torch.testing.assert_close(s.cls_mean, torch.tensor([2.0, 5.0]))
+    torch.testing.assert_close(s.cls_std, torch.tensor([1.5, 0.5]))
+    torch.testing.assert_close(s.patch_mean, torch.tensor([2.0]))
+    torch.testing.assert_close(s.patch_std, torch.tensor([2.0**0.5 + 0.5]))

@@ -59,6 +59,8 @@ class History:
     loss: list[float] = field(default_factory=list)
     per_target: dict[str, list[float]] = field(default_factory=dict)
     resolutions: list[dict[str, int]] = field(default_factory=list)  # what each step drew
+    lr: list[float] = field(default_factory=list)  # the learning rate each step used
+    grad_norm: list[float] = field(default_factory=list)  # global gradient norm before clipping
 
 
 def draw_resolutions(cfg: Config, stage: int, step: int, targets: list[Target]) -> dict[str, int]:
@@ -109,6 +111,32 @@ def student_loss(model: nn.Module, x: torch.Tensor, grids: dict[str, tuple[int, 
     preds = model(x, grids)
     parts = {t.name: distill_loss(*preds[t.name], *normed[t.name], loss_cfg) for t in targets}
     return sum(t.loss_weight * parts[t.name] for t in targets), parts
+
+
+def micro_step(ddp: nn.Module, targets: list[Target], stats: dict[str, FeatureStats], images: torch.Tensor,
+               sizes: dict[str, int], student_norm: tuple[torch.Tensor, torch.Tensor], loss_cfg: LossConfig,
+               rt: Runtime, accum: int, sync: bool) -> tuple[float, dict[str, float]]:
+    """One micro-batch: frozen targets, student forward and backward of the loss scaled by ``1/accum``
+    (gradients add up to the global-batch mean). ``sync=False`` keeps DDP from all-reducing yet."""
+    with rt.autocast():
+        grids, normed = target_batch(targets, stats, images, sizes)
+    x = prepare(images, sizes["student"], *student_norm)
+    with (ddp.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
+        loss, parts = student_loss(ddp, x, grids, normed, targets, loss_cfg)
+        loss = loss / accum
+    loss.backward()
+    return loss.item(), {name: v.item() / accum for name, v in parts.items()}
+
+
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float | None) -> tuple[float, float]:
+    """Clip the accumulated gradients to a global norm of ``grad_clip``, step the optimizer and the LR
+    schedule once, clear the gradients. Returns the learning rate this step used and the norm before clipping."""
+    lr = opt.param_groups[0]["lr"]
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return lr, float(norm)
 
 
 def accumulation(st: StageConfig, stage: int, world_size: int = 1) -> int:
@@ -170,7 +198,7 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime) 
     if init is not None:  # stage 3 continues the stage-2 encoder and adapters
         load_init(model, init)
     model.to(rt.device).train()
-    s_mean, s_std = model_inputs(model.encoder, rt.device)
+    student_norm = model_inputs(model.encoder, rt.device)  # the student's input mean/std
     ddp = DistributedDataParallel(model) if rt.world_size > 1 else model
     opt, sched = build_optimizer(model, st)
 
@@ -211,27 +239,19 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime) 
         for micro in range(accum):
             images, _, bad = next(batches)
             skipped += int(bad.sum())  # undecodable files replaced in this micro-batch
-            with rt.autocast():
-                grids, normed = target_batch(targets, stats, images, sizes)
-            x = prepare(images, sizes["student"], s_mean, s_std)
-            sync = micro == accum - 1 or rt.world_size == 1
-            with (ddp.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
-                loss, parts = student_loss(ddp, x, grids, normed, targets, cfg.loss)
-                loss = loss / accum
-            loss.backward()
-            step_loss += loss.item()
+            loss, parts = micro_step(ddp, targets, stats, images, sizes, student_norm, cfg.loss, rt, accum,
+                                     sync=micro == accum - 1 or rt.world_size == 1)
+            step_loss += loss
             for name, v in parts.items():
-                step_parts[name] += v.item() / accum
-        if st.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), st.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+                step_parts[name] += v
+        lr, grad_norm = optimizer_step(model, opt, sched, st.grad_clip)
 
         history.loss.append(rt.mean(step_loss))
         for name, v in step_parts.items():
             history.per_target.setdefault(name, []).append(rt.mean(v))
         history.resolutions.append(sizes)
+        history.lr.append(lr)
+        history.grad_norm.append(grad_norm)
         seen += st.batch_size
         rate = seen / (time.perf_counter() - t0)
         bar.update(1)
