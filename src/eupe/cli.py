@@ -1,6 +1,7 @@
 """``eupe <step>``: one subcommand per pipeline step. Inputs are URIs, outputs go under ``--out``.
 
-Exit codes: 0 done (``result.json`` written), 2 bad input (one line on stderr naming it), 1 a crash.
+Exit codes: 0 done (``result.json`` written), 2 bad input (one line on stderr naming it), 3 a failed quality,
+parity or latency gate (outputs written, one line naming the reason), 1 a crash.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except EupeError as e:
         print(f"eupe: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 

@@ -82,7 +82,7 @@ def test_evaluate_trained_student_then_gate(tiny_config: Path, dense_data: Path,
     capsys.readouterr()
     partial = tmp_path / "partial"
     assert main(["evaluate", *cfg, *FAST, "--weights", str(ckpt), "--baseline", str(out / "eval.json"),
-                 "--out", str(partial)]) == 2
+                 "--out", str(partial)]) == 3  # a gate failure, not bad input
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("eupe: error: quality gate failed") and "fidelity.proxy missing from this run" in err
     record = json.loads((partial / "eval.json").read_text())

@@ -26,7 +26,7 @@ from eupe.data.folder import ImageSource
 from eupe.distill.normalize import load_stats
 from eupe.distill.runtime import Runtime, setup, teardown
 from eupe.distill.targets import build_targets, model_inputs, prepare, target_specs
-from eupe.errors import EupeError
+from eupe.errors import EupeError, GateFailed
 from eupe.evaluate import gate, knn, probes, report
 from eupe.evaluate.data import EvalImages, Split, available_labels, open_image_folder, split
 from eupe.evaluate.fidelity import adapter_states, build_adapters, fidelity_batch
@@ -229,7 +229,7 @@ def run_evaluate(cfg: Config, encoder: str, out: Path, weights: str | None = Non
         evaluation["gate"] = {"baseline": baseline, **outcome}
     result = _publish(Path(out), evaluation, examples, inputs, outcome)
     if outcome is not None and not outcome["passed"]:
-        raise EupeError(gate.failure_message(outcome, baseline))
+        raise GateFailed(gate.failure_message(outcome, baseline))
     return result
 
 

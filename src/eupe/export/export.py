@@ -21,7 +21,7 @@ from eupe import storage
 from eupe.config import Config
 from eupe.data.folder import ImageSource
 from eupe.distill.targets import model_inputs, prepare
-from eupe.errors import EupeError
+from eupe.errors import EupeError, GateFailed
 from eupe.evaluate.data import EvalImages, open_image_folder
 from eupe.export.lower import EncoderOutputs, check_size, fixed_size, lower
 from eupe.export.runtime import load_forward, parity
@@ -120,5 +120,5 @@ def run_export(cfg: Config, out: Path, encoder: str = "student") -> dict:
                      **{name: m["pte"] for name, m in models.items()}}
         result = write_result(tmp, "export", metrics, artifacts, status="failed" if failures else "ok")
     if failures:
-        raise EupeError(f"export failed ({out / EXPORT_FILE}): {'; '.join(failures)}")
+        raise GateFailed(f"export failed ({out / EXPORT_FILE}): {'; '.join(failures)}")
     return result

@@ -16,7 +16,7 @@ import torch
 
 from eupe import storage
 from eupe.config import Config
-from eupe.errors import EupeError
+from eupe.errors import EupeError, GateFailed
 from eupe.export.budgets import load_budgets
 from eupe.export.runtime import load_forward, summary, threads, time_runs
 from eupe.results import write_result
@@ -76,6 +76,6 @@ def run_latency(cfg: Config, pte_uri: str, out: Path, model: str, resolution: in
         result = write_result(tmp, "latency", metrics, {"latency": out / LATENCY_FILE, "plot": out / "latency.png"},
                               status="failed" if passed is False else "ok")
     if passed is False:
-        raise EupeError(f"latency gate: median {median:.2f} ms over the {budget.budget_ms:g} ms budget of "
+        raise GateFailed(f"latency gate: median {median:.2f} ms over the {budget.budget_ms:g} ms budget of "
                         f"{device_class}/{model}/{resolution}px in {budgets} ({out / LATENCY_FILE})")
     return result
