@@ -17,10 +17,11 @@ from eupe.data import commands as data_commands
 from eupe.errors import EupeError
 from eupe.evaluate import commands as evaluate_commands
 from eupe.export import commands as export_commands
+from eupe.registry import commands as registry_commands
 
 # Modules with a ``register(subparsers)`` that adds top-level steps (kept out of this file so that
 # each step's flags live next to its code).
-STEP_COMMANDS: list = [evaluate_commands, export_commands]
+STEP_COMMANDS: list = [evaluate_commands, export_commands, registry_commands]
 
 
 def cmd_normalize(args: argparse.Namespace) -> None:

@@ -29,8 +29,13 @@ def gated_values(evaluation: dict[str, Any]) -> dict[str, float]:
 
 
 def read_baseline(uri: str) -> dict[str, float]:
-    """The baseline's gated metrics; fails (before any compute) when it has none."""
+    """The baseline's gated metrics; fails (before any compute) when it has none. A registry pointer
+    (``models/<name>/production.json``) stands for the eval.json of the version it points to."""
     try:
+        if uri.endswith("production.json"):
+            from eupe.registry.lineage import pointer_eval
+
+            uri = pointer_eval(uri)
         data = storage.read_json(uri)
     except EupeError as e:
         raise EupeError(f"--baseline: {e}") from None
