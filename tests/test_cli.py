@@ -1,4 +1,5 @@
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,28 @@ def test_bad_input_exit_code_from_the_shell(trained):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         f"eupe: error: {cfg}: config field 'stage1.lr': Input should be greater than 0 (got -1)"]
+
+
+CRASH = "simulated crash inside torch: CUDA error: an illegal memory access was encountered"
+
+
+def test_crash_mid_training_exits_1_with_the_traceback(trained, tmp_path):
+    """Not a bad input but a failure inside the computation (here the optimizer step raising, as a GPU fault
+    would): exit 1 with Python's traceback, no one-line `eupe: error:`, and no result.json."""
+    root, cfg = trained
+    script = ("import sys, torch\n"
+              "from eupe.cli import main\n"
+              "def crash(self, *args, **kwargs):\n"
+              f"    raise RuntimeError({CRASH!r})\n"
+              "torch.optim.AdamW.step = crash\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", script, "train", "--config", str(cfg), "--stage", "1",
+                           "--set", "stage1.iters=4", "--norm", str(root / "norm" / "norm.safetensors"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    err = proc.stderr
+    assert "Traceback (most recent call last):" in err and f"\nRuntimeError: {CRASH}\n" in err, err[-3000:]
+    assert "eupe/distill/trainer.py" in err, err[-3000:]  # raised from inside the training loop
+    assert "eupe: error:" not in err
+    assert not (out / "result.json").exists() and not (out / "checkpoints").exists()

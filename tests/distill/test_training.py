@@ -7,14 +7,8 @@ against a randomly initialised (seeded, hence identical in every process) proxy.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,91 +16,21 @@ import torch
 from safetensors.torch import load_file
 
 import reference
-from conftest import TINY_RECIPE
-from eupe.cli import main
 from eupe.config import load_config
 from eupe.results import read_result
+from runs import BIN, RESUME_EVERY, TIMEOUT_S, recipe, spawn, stage2_norm  # noqa: F401 (fixtures)
+from runs import assert_same_weights as _assert_same_weights
+from runs import eupe as _eupe
+from runs import finish as _finish
+from runs import latest_step as _latest_step
+from runs import losses as _losses
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent  # the venv's console scripts: eupe, torchrun
 PYRAMID = [32, 48, 64]  # stage 3 student and teacher resolutions in TINY_RECIPE
 STAGE3_ITERS = 24
-RESUME_ITERS, RESUME_EVERY = 48, 4
+RESUME_ITERS = 48
 DDP_ITERS = 12
-TIMEOUT_S = 180
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """In-process runs on one thread: OpenMP threads spin-waiting for a core that another process
-    holds make tiny models tens of times slower on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _eupe(*argv: object) -> None:
-    """``eupe ARGV`` in this process."""
-    args = [str(a) for a in argv]
-    with _one_thread():
-        rc = main(args)
-    assert rc == 0, f"eupe {' '.join(args)} failed"
-
-
-def _env() -> dict[str, str]:
-    # One thread per process: runs that must agree bit for bit use the same reduction order, and
-    # the concurrent processes of a test do not fight over a small machine's cores.
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[[list[object], Path], subprocess.Popen]]:
-    """Start a command in its own session, output to a log file; whatever still runs at teardown
-    (a failed test) is killed with its children (torchrun's workers)."""
-    started: list[subprocess.Popen] = []
-
-    def start(cmd: list[object], log: Path) -> subprocess.Popen:
-        with open(log, "wb") as f:  # a file, not a PIPE nobody reads: tqdm would fill it and block
-            proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=_env(), start_new_session=True)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _finish(proc: subprocess.Popen, log: Path) -> None:
-    try:
-        rc = proc.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{proc.args} still running after {TIMEOUT_S}s: {log.read_text()[-3000:]}") from None
-    assert rc == 0, f"{proc.args} exited {rc}: {log.read_text()[-3000:]}"
-
-
-def _losses(out: Path) -> dict:
-    return json.loads((out / "losses.json").read_text())
-
-
-def _assert_same_weights(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys(), f"{a} and {b} hold different tensors"
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), f"{k} differs between {a} and {b}: max |diff| {(ta[k] - tb[k]).abs().max()}"
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
-    path.write_text(TINY_RECIPE.format(data=tiny_data))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -165,25 +89,9 @@ def test_stage3_draws_teacher_and_student_resolutions_independently(pipeline: di
     assert {d["student"] for d in _losses(pipeline["stage2"])["resolutions"]} == {32}
 
 
-@pytest.fixture(scope="module")
-def stage2_norm(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Stage-2 statistics of a randomly initialised proxy (no --proxy): no stage 1 needed."""
-    out = tmp_path_factory.mktemp("norm2")
-    _eupe("normalize", "--config", recipe, "--stage", 2, "--out", out)
-    return out / "norm.safetensors"
-
-
 def _stage2_cmd(recipe: Path, norm: Path, out: Path, iters: int, *extra: object) -> list[object]:
     return [BIN / "eupe", "train", "--config", recipe, "--stage", 2, "--norm", norm, "--out", out,
             "--set", f"stage2.iters={iters}", "--set", f"stage2.checkpoint_every={RESUME_EVERY}", *extra]
-
-
-def _latest_step(out: Path) -> int:
-    marker = out / "checkpoints" / "latest.json"
-    try:
-        return json.loads(marker.read_text())["step"]
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet (it is replaced atomically)
-        return 0
 
 
 def test_killed_and_resumed_run_matches_uninterrupted_run(recipe: Path, stage2_norm: Path, tmp_path: Path, spawn) -> None:

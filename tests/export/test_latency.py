@@ -229,3 +229,33 @@ def test_loaded_program_outlives_its_buffer_and_rejects_a_wrong_input(pte: Path)
         forward(torch.randn(1, 3, 16, 16))
     with pytest.raises(EupeError, match=r"tiny\.pte: ExecuTorch execute failed: input torch\.float64"):
         forward(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+
+
+def test_warmup_forwards_run_untimed_before_the_timed_ones(tmp_path: Path, pte: Path, monkeypatch: pytest.MonkeyPatch):
+    """latency.warmup=W, latency.runs=R: W+R forwards of the program, only the last R timed. The W warm-ups
+    are made slow (0.2 s each): none of that may show in the recorded runs."""
+    import time
+
+    import eupe.export.latency as latency
+
+    warmup, runs, slow_s = 3, 4, 0.2
+    calls: list[float] = []
+
+    class SlowFirstCalls:
+        def __init__(self, forward):
+            self.forward, self.input_shape = forward, forward.input_shape
+
+        def __call__(self, x: torch.Tensor):
+            calls.append(time.perf_counter())
+            if len(calls) <= warmup:
+                time.sleep(slow_s)
+            return self.forward(x)
+
+    real = latency.load_forward
+    monkeypatch.setattr(latency, "load_forward", lambda *a, **k: SlowFirstCalls(real(*a, **k)))
+    run_latency(load_config(None, [f"latency.warmup={warmup}", f"latency.runs={runs}"]), str(pte), tmp_path / "lat", "tiny")
+    report = json.loads((tmp_path / "lat" / "latency.json").read_text())
+    assert len(calls) == warmup + runs, f"{len(calls)} forwards for {warmup} warm-up + {runs} timed runs"
+    assert report["warmup"] == warmup and report["runs"] == runs and len(report["runs_ms"]) == runs
+    assert all(0 < t < slow_s * 1e3 / 2 for t in report["runs_ms"]), f"a warm-up was timed: {report['runs_ms']}"
+    assert report["median_ms"] < slow_s * 1e3 / 2

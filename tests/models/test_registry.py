@@ -109,3 +109,49 @@ def test_weights_load_from_s3(tmp_path, s3_bucket, monkeypatch):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in src.state_dict().items())
     with pytest.raises(EupeError, match=f"s3://{s3_bucket}/models/missing.safetensors"):
         build_model(TINY["pecore"].model_copy(update={"weights": f"s3://{s3_bucket}/models/missing.safetensors"}))
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system(command)``: what a malicious ``.pt`` checkpoint carries."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def _malicious_checkpoint(tmp_path):
+    """A ``.pt`` that looks like a state dict and, unpickled without ``weights_only``, touches a marker file."""
+    import shlex
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"pos_embed": torch.zeros(1), "payload": _RunsCode(f"touch {shlex.quote(str(marker))}")}}, path)
+    return path, marker
+
+
+def test_malicious_pickle_is_refused_without_running_it(tmp_path, tiny_config, capsys):
+    from eupe.cli import main
+    from eupe.models.registry import read_state_dict
+
+    evil, marker = _malicious_checkpoint(tmp_path)
+    with pytest.raises(EupeError) as err:
+        read_state_dict(str(evil))
+    msg = str(err.value)
+    assert msg.startswith(f"cannot read weights {evil}: UnpicklingError: ") and "\n" not in msg, msg
+    assert not marker.exists()
+
+    # as the configured weights of a teacher, through the CLI: exit 2, one line, the payload never runs
+    code = main(["normalize", "--config", str(tiny_config), "--stage", "1", "--set", f"teachers.0.weights={evil}",
+                 "--out", str(tmp_path / "norm")])
+    err_text = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err_text.startswith(f"eupe: error: cannot read weights {evil}: UnpicklingError: ") and "\n" not in err_text
+    assert not marker.exists() and not (tmp_path / "norm").exists()
+
+    # the file really is malicious: an unsafe load runs the payload
+    torch.load(evil, weights_only=False)
+    assert marker.exists()

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from botocore.exceptions import BotoCoreError
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -564,5 +565,9 @@ def stream_loader(stream: ImageStream, size: int, batch_size: int, num_workers: 
     configured.rank, configured.world_size = rank, world_size
     configured.transform = Augment(size, tuple(crop_scale), hflip, train)
     configured.start_batch, configured.batch_size = start_batch, batch_size
+    # Its own generator, as step_loader's: iterating a DataLoader draws its base seed from the global RNG
+    # otherwise, which a resumed run restores from the checkpoint (drop path, dropout) and which must then
+    # match an uninterrupted run's. The samples themselves are seeded by their position in the stream.
     return DataLoader(configured, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(stream.seed))
