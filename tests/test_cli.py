@@ -21,7 +21,7 @@ def _subcommands(parser, prefix=()):
 
 def test_every_subcommand_has_help():
     commands = list(_subcommands(build_parser()))
-    assert {("data", "synth"), ("normalize",), ("train",), ("demo",)} <= set(commands)
+    assert {("data", "synth"), ("normalize",), ("train",), ("promote",), ("lineage",)} <= set(commands)
     for cmd in commands:
         out = subprocess.run([EUPE, *cmd, "--help"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "usage: eupe" in out.stdout, cmd

@@ -278,3 +278,202 @@ def test_s3_list_uris_paginates_and_filters(s3_bucket: str, monkeypatch: pytest.
     ]
     assert storage.list_uris(f"s3://{s3_bucket}", suffixes=(".jpg",))[-1] == f"s3://{s3_bucket}/other/y.jpg"
     assert storage.list_uris(f"s3://{s3_bucket}/imgsx") == [f"s3://{s3_bucket}/imgsx/z.txt"]
+
+
+# --------------------------------------------------------------------------- atomicity, by breaking it
+
+
+def test_write_replaces_the_file_by_rename_so_readers_keep_the_old_inode(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "blob.bin"  # parents created
+    storage.write_bytes(target, b"old")
+    with open(target, "rb") as reader:  # a reader that opened the old version keeps reading it
+        storage.write_bytes(target, b"new")
+        assert reader.read() == b"old"
+    assert target.read_bytes() == b"new"
+
+
+def test_write_gets_a_new_inode_not_an_in_place_rewrite(tmp_path: Path) -> None:
+    target = tmp_path / "blob.bin"
+    storage.write_bytes(target, b"old")
+    before = os.stat(target).st_ino
+    keep = target.with_name("hardlink")
+    os.link(target, keep)  # holds the old inode so the new file cannot reuse its number
+    storage.write_bytes(target, b"new")
+    assert os.stat(target).st_ino != before and keep.read_bytes() == b"old"
+
+
+def test_write_goes_through_a_hidden_temp_file_in_the_same_folder_fsynced_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stat
+
+    target = tmp_path / "blob.bin"
+    events: list[tuple[str, object]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", (Path(src).parent, Path(src).name.startswith(".blob.bin.tmp-"), Path(dst))))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    storage.write_bytes(target, b"payload")
+    assert events == [("fsync", "file"), ("replace", (tmp_path, True, target)), ("fsync", "dir")]
+    assert target.read_bytes() == b"payload"
+
+
+def test_a_failed_rename_keeps_the_old_file_and_removes_the_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "meta.json"
+    target.write_bytes(b"old")
+
+    def cross_device(src, dst) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    with pytest.raises(EupeError) as err:
+        storage.write_bytes(target, b"new")
+    assert str(err.value) == f"cannot write {target}: Invalid cross-device link"
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["meta.json"]
+
+
+def test_an_interrupt_during_the_write_is_not_wrapped_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "meta.json"
+    target.write_bytes(b"old")
+
+    def interrupted(src, dst) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_bytes(target, b"new")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["meta.json"]
+
+
+def test_a_write_below_a_file_is_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_bytes(b"")
+    target = tmp_path / "plain" / "blob.bin"
+    with pytest.raises(EupeError) as err:
+        storage.write_bytes(target, b"x")
+    assert str(err.value) in (f"cannot write {target}: File exists", f"cannot write {target}: Not a directory")
+
+
+def test_written_files_get_the_umask_mode_not_the_private_temp_file_mode(tmp_path: Path) -> None:
+    storage._file_mode.cache_clear()
+    old = os.umask(0o002)
+    try:
+        storage.write_bytes(tmp_path / "shared.bin", b"x")
+    finally:
+        os.umask(old)
+        storage._file_mode.cache_clear()
+    assert (tmp_path / "shared.bin").stat().st_mode & 0o777 == 0o664
+
+
+def test_a_folder_that_cannot_be_fsynced_does_not_fail_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stat
+
+    real_fsync, real_open, real_close = os.fsync, os.open, os.close
+    opened: list[int] = []
+    closed: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")  # some file systems refuse fsync on a folder
+        real_fsync(fd)
+
+    def open_(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if os.path.isdir(path):
+            opened.append(fd)
+        return fd
+
+    def close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "close", close)
+    storage.write_bytes(tmp_path / "a.bin", b"a")
+    assert len(opened) == 1 and opened == closed  # the folder's descriptor is closed all the same
+
+    def no_folder_open(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_folder_open)
+    storage.write_bytes(tmp_path / "b.bin", b"b")  # a folder that cannot even be opened
+    assert (tmp_path / "a.bin").read_bytes() == b"a" and (tmp_path / "b.bin").read_bytes() == b"b"
+
+
+def test_write_json_is_indented_with_a_final_newline(tmp_path: Path) -> None:
+    storage.write_json(tmp_path / "m.json", {"b": [1, 2], "a": "é"})
+    assert (tmp_path / "m.json").read_bytes() == b'{\n  "b": [\n    1,\n    2\n  ],\n  "a": "\\u00e9"\n}\n'
+
+
+def _checkpoint_dir(path: Path, content: bytes) -> None:
+    path.mkdir(parents=True)
+    (path / "w.bin").write_bytes(content)
+
+
+def test_atomic_dir_keeps_the_old_folder_when_the_final_rename_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    final = tmp_path / "ckpt"
+    _checkpoint_dir(final, b"old")
+    real_rename = os.rename
+
+    def rename(src, dst) -> None:
+        if Path(dst) == final:  # the new folder moving in (or the old one moving back)
+            if ".tmp-" in Path(src).name:
+                raise OSError(39, "Directory not empty")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="Directory not empty"):
+        with storage.atomic_dir(final) as tmp:
+            (tmp / "w.bin").write_bytes(b"new")
+    assert os.listdir(tmp_path) == ["ckpt"] and (final / "w.bin").read_bytes() == b"old"
+
+
+def test_atomic_dir_moves_the_old_folder_aside_before_and_deletes_it_only_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    final = tmp_path / "ckpt"
+    _checkpoint_dir(final, b"old")
+    old_inode = final.stat().st_ino
+    real_rename = os.rename
+    seen: list[tuple[str, str, list[str]]] = []
+
+    def rename(src, dst) -> None:
+        # which folders exist (and hold the old checkpoint) at the moment of each rename
+        seen.append((Path(src).name.split("-")[0], Path(dst).name.split("-")[0],
+                     sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if (p / "w.bin").read_bytes() == b"old")))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with storage.atomic_dir(final) as tmp:
+        (tmp / "w.bin").write_bytes(b"new")
+        new_inode = tmp.stat().st_ino
+    assert seen == [("ckpt", "ckpt.old", ["ckpt"]), ("ckpt.tmp", "ckpt", ["ckpt.old"])]
+    assert os.listdir(tmp_path) == ["ckpt"] and (final / "w.bin").read_bytes() == b"new"
+    assert final.stat().st_ino == new_inode != old_inode
+
+
+def test_atomic_dir_refuses_a_file_in_the_way(tmp_path: Path) -> None:
+    (tmp_path / "ckpt").write_bytes(b"not a folder")
+    with pytest.raises(EupeError) as err:
+        with storage.atomic_dir(tmp_path / "ckpt"):
+            pass
+    assert str(err.value) == f"not a directory: {tmp_path / 'ckpt'}"
+    assert os.listdir(tmp_path) == ["ckpt"]

@@ -49,13 +49,6 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(dump_config(load(args)), end="")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from eupe.demo import run_demo
-
-    run_demo(args.config, Path(args.out), args.overrides, data=Path(args.data) if args.data else None,
-             version=args.version_data)
-
-
 def one_line(e: EupeError) -> str:
     """The message itself, also when a DataLoader worker raised it: torch re-raises it with the worker's
     traceback appended, whose last line is ``module.ClassName: message``."""
@@ -97,13 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config")
     config_args(p)
     p.set_defaults(func=cmd_config)
-
-    p = sub.add_parser("demo", help="synthesize data, normalize and run stages 1-3 on the CPU; print a summary table")
-    config_args(p)
-    p.add_argument("--out", default="artifacts/demo")
-    p.add_argument("--data", help="dataset folder to generate and use (default: <out>/data)")
-    p.add_argument("--version-data", action="store_true", help="dvc add + dvc push the dataset before training")
-    p.set_defaults(func=cmd_demo)
 
     for module in STEP_COMMANDS:  # evaluation, export, latency, ...: each module declares its own
         module.register(sub)

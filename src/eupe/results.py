@@ -9,23 +9,20 @@ from typing import Any
 from safetensors.torch import save
 
 from eupe import storage
-from eupe.distill.checkpoint import tensors_for_disk
+from eupe.distill.checkpoint import MODEL_FILE, tensors_for_disk
 
 RESULT_FILE = "result.json"
+ENCODER_FILE = "encoder.safetensors"  # the deliverable of a training stage
 
 
-def write_result(out: Path | str, step: str, metrics: dict[str, Any], artifacts: dict[str, Any], status: str = "ok") -> dict:
+def write_result(out: Path | str, step: str, metrics: dict[str, Any], artifacts: dict[str, Any], status: str = "ok",
+                 fingerprint: dict | None = None) -> dict:
     result = {"step": step, "status": status, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "metrics": metrics, "artifacts": {k: str(v) for k, v in artifacts.items() if v is not None}}
+    if fingerprint is not None:
+        result["fingerprint"] = fingerprint
     storage.write_json(f"{str(out).rstrip('/')}/{RESULT_FILE}", result)
     return result
-
-
-def clear_result(out: Path | str) -> None:
-    """A step that starts over removes its earlier ``result.json`` first: a stale "ok" must not outlive a crash."""
-    path = Path(str(out)) / RESULT_FILE
-    if not storage.is_s3(str(out)) and path.exists():
-        path.unlink()
 
 
 def window_mean(values: list[float], fraction: float = 0.2, cap: int = 100) -> tuple[float, float]:
@@ -35,21 +32,23 @@ def window_mean(values: list[float], fraction: float = 0.2, cap: int = 100) -> t
     return sum(values[:w]) / w, sum(values[-w:]) / w
 
 
-def write_training_result(out: Path, stage: int, history: dict, metrics: dict, checkpoint_dir: Path | None,
+def write_training_result(run, stage: int, history: dict, metrics: dict, checkpoint_dir: Path | None,
                           encoder_state: dict) -> dict:
+    """The deliverables of a training stage, published through its :class:`eupe.step.StepRun`: the encoder
+    (adapters dropped), the loss history and its curve; then ``result.json``."""
     from eupe.plots import loss_curve  # matplotlib only when a run finishes
 
-    out.mkdir(parents=True, exist_ok=True)
-    encoder = out / "encoder.safetensors"  # the deliverable: adapters dropped
-    storage.write_bytes(str(encoder), save(tensors_for_disk(encoder_state)))  # atomic, as every artifact
-    storage.write_json(str(out / "losses.json"), history)
-    curve = loss_curve(history, out / "loss_curve.png", title=f"stage {stage}")
+    with run.staging() as tmp:
+        storage.write_bytes(str(tmp / ENCODER_FILE), save(tensors_for_disk(encoder_state)))
+        storage.write_json(str(tmp / "losses.json"), history)
+        loss_curve(history, tmp / "loss_curve.png", title=f"stage {stage}")
     first, last = window_mean(history["loss"])
     per_target = {name: {"first": window_mean(v)[0], "last": window_mean(v)[1]} for name, v in history["per_target"].items()}
     metrics = {"first_loss": first, "last_loss": last, "first_step_loss": history["loss"][0],
                "last_step_loss": history["loss"][-1], "loss_per_target": per_target, **metrics}
-    return write_result(out, f"train-stage{stage}", metrics, {
-        "checkpoint": checkpoint_dir, "encoder": encoder, "losses": out / "losses.json", "loss_curve": curve})
+    return run.finish(metrics, {
+        "checkpoint": checkpoint_dir, "checkpoint_model": checkpoint_dir / MODEL_FILE if checkpoint_dir else None,
+        "encoder": run.path(ENCODER_FILE), "losses": run.path("losses.json"), "loss_curve": run.path("loss_curve.png")})
 
 
 def read_result(out: Path | str) -> dict:

@@ -33,14 +33,17 @@ from eupe.errors import EupeError
 __all__ = [
     "SUCCESS_MARKER",
     "atomic_dir",
+    "delete",
     "download_dir",
     "exists",
     "is_s3",
     "list_uris",
     "local_copy",
     "open_read",
+    "publish_files",
     "read_bytes",
     "read_json",
+    "s3_digest",
     "split_s3",
     "upload_dir",
     "write_bytes",
@@ -458,3 +461,80 @@ def download_dir(uri: PathLike, local_dir: PathLike) -> Path:
             except (ClientError, BotoCoreError, S3TransferFailedError) as e:
                 raise _s3_error("read", f"s3://{bucket}/{k}", e) from e
     return Path(local_dir)
+
+
+# --------------------------------------------------------------------------- step outputs
+
+
+def s3_digest(uri: str, max_keys: int) -> str:
+    """ETag of an S3 object, or a digest of the keys, sizes and ETags under an S3 prefix (of at most
+    ``max_keys`` objects: a larger prefix is identified by its URI)."""
+    import hashlib
+
+    bucket, key = split_s3(uri)
+    client = _client()
+    try:
+        if key and not key.endswith("/"):
+            try:
+                return "etag:" + client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+            except ClientError as e:
+                if not _is_not_found(e):
+                    raise
+        rows = []
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_prefix(key))
+        for page in pages:
+            rows += [(o["Key"], o["Size"], o["ETag"].strip('"')) for o in page.get("Contents", [])]
+            if len(rows) > max_keys:
+                return f"unlisted:>{max_keys} objects"
+    except (ClientError, BotoCoreError) as e:
+        raise _s3_error("read", uri, e) from e
+    if not rows:
+        raise EupeError(f"input not found: {uri}")
+    return "listing:" + hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
+
+
+def delete(uri: PathLike) -> None:
+    """Remove one file or S3 object if it is there."""
+    if not is_s3(uri):
+        Path(uri).unlink(missing_ok=True)
+        return
+    bucket, key = _object(str(uri))
+    try:
+        _client().delete_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as e:
+        raise _s3_error("delete", str(uri), e) from e
+
+
+def publish_files(staged: PathLike, uri: PathLike) -> list[str]:
+    """Move every entry of the local folder ``staged`` to the same name under ``uri`` and return the names.
+
+    Only those names are replaced (a file by ``os.replace``, a folder by a rename of the old one aside
+    first); nothing else under ``uri`` is touched. On S3 every file is uploaded under the prefix.
+    """
+    src = Path(staged)
+    names = sorted(p.name for p in src.iterdir())
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        prefix = _prefix(key)
+        client = _client()
+        try:
+            for p in _local_files(src):
+                client.upload_file(str(p), bucket, prefix + p.relative_to(src).as_posix())
+        except (ClientError, BotoCoreError, S3UploadFailedError) as e:
+            raise _s3_error("write", str(uri), e) from e
+        return names
+    final = Path(uri)
+    final.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        new, dest = src / name, final / name
+        if new.is_dir() and dest.exists():
+            old = final / f".{name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(dest, old)
+            os.rename(new, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        elif dest.is_dir():
+            raise EupeError(f"cannot publish file {name}: {dest} is a folder")
+        else:
+            os.replace(new, dest)
+    _fsync_dir(final)
+    return names

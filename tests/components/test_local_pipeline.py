@@ -1,44 +1,88 @@
-"""The demo's chain end to end on the tiny recipe: every step through the CLI, summary.json's shape."""
+"""The eupe_retrain graph end to end on the tiny recipe with the local runner (in this process): every
+step, the summary read back from each step's own result.json, a promoted model, and a second run of
+the same run id that finds every step up to date."""
 
 import json
+from pathlib import Path
 
-from eupe.cli import main
-from eupe.demo import EVAL_KEYS, SUMMARY_KEYS
-from eupe.results import read_result
+import pytest
+
+from components.graph import RETRAIN
+from components.local import finish, run_pipeline
+from components.summary import EVAL_KEYS, STAGE_KEYS
+from conftest import TINY_RECIPE
+from eupe.data.synth import synthesize
+
+pytestmark = pytest.mark.slow
+
+FAST = """
+eval: {probe_epochs: 2}
+export: {resolutions: [32], int8: false}
+latency: {runs: 3, warmup: 1}
+"""
 
 
-def test_demo_runs_every_step_and_writes_the_summary(tiny_config, tmp_path, capsys):
-    out = tmp_path / "demo"
-    fast = ["--set", "export.resolutions=[32]", "--set", "export.int8=false", "--set", "eval.probe_epochs=2",
-            "--set", "latency.runs=3", "--set", "latency.warmup=1"]
-    assert main(["demo", "--config", str(tiny_config), *fast, "--out", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A DVC repository (local-folder remote) holding a tiny dense dataset, and the tiny recipe."""
+    root = tmp_path_factory.mktemp("workspace")
+    (root / ".dvc").mkdir()
+    (root / ".dvc" / "config").write_text(
+        f"[core]\n    no_scm = True\n    remote = local\n['remote \"local\"']\n    url = {root / 'remote'}\n")
+    synthesize(root / "data", 64, size=(48, 80), seed=1, num_classes=4, dense=True)
+    config = root / "tiny.yaml"
+    config.write_text(TINY_RECIPE.format(data=root / "data") + FAST)
+    return root, config
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace):
+    root, config = workspace
+    params = {"config": str(config), "dataset_uri": str(root / "data"), "model_name": "tiny",
+              "latency_budget_ms": "60000"}
+    run = run_pipeline(RETRAIN, str(root / "artifacts"), "t1", params, in_process=True)
+    return run, params, finish(run)
+
+
+def _result(run, step, item=None):
+    return run.result(step, item)
+
+
+def test_every_step_ran_and_the_summary_is_the_steps_own(first_run):
+    run, _, summary = first_run
     assert list(summary["stages"]) == ["stage1", "stage2", "stage3"]
     for name, s in summary["stages"].items():
-        assert {"first_loss", "last_loss", "steps", "images_per_s", "checkpoint"} <= set(s), name
-        assert s["steps"] == 12 and s["images_per_s"] > 0
-        assert (tmp_path / s["checkpoint"] / "model.safetensors").exists() or (out / ".." / s["checkpoint"]).exists()
-    assert {"knn_top1", "seg_miou", "depth_rmse", "keypoint_pck"} <= set(summary["eval"])
+        r = _result(run, f"train_{name}")
+        assert r["status"] == "ok" and {k: s[k] for k in STAGE_KEYS} == {k: r["metrics"][k] for k in STAGE_KEYS}
+        assert s["checkpoint"] == r["artifacts"]["checkpoint"] and Path(r["artifacts"]["checkpoint_model"]).is_file()
+        losses = json.loads(Path(r["artifacts"]["losses"]).read_text())["loss"]
+        assert len(losses) == s["steps"] == 12 and s["first_loss"] == sum(losses[:2]) / 2  # 20% of 12 steps
+    assert summary["eval"] == {k: _result(run, "evaluate")["metrics"].get(k) for k in EVAL_KEYS}
     assert all(summary["eval"][k] is not None for k in ("knn_top1", "seg_miou", "depth_rmse", "keypoint_pck"))
     (name, export), = summary["export"].items()
-    assert export["parity_cosine"] >= 0.999 and summary["latency"][name]["median_ms"] > 0
-    for path in ("validate/validation.json", "eval/eval.json", "export/export.json", f"latency/{name}/latency.json",
-                 "stage3/loss_curve.png"):
-        assert (out / path).exists(), path
-    table = capsys.readouterr().out
-    assert "stage3" in table and "knn_top1" in table and name in table
+    assert name == "student_32px_fp32" and export["parity_cosine"] >= 0.999
+    (lat_name, lat), = summary["latency"].items()
+    assert lat["model"] == name and lat["passed"] is True and lat["budget_ms"] == 60000
+    runs = json.loads(Path(_result(run, "latency", {"name": lat_name})["artifacts"]["latency"]).read_text())["runs_ms"]
+    assert len(runs) == 3 and lat["median_ms"] == sorted(runs)[1]  # 3 timed runs: the middle one
+    assert (Path(run.root) / "summary.json").is_file()
 
-    # every number of the summary is the step's own, read back from its result.json / export.json
-    for name, s in summary["stages"].items():
-        result = read_result(out / name)
-        assert {k: s[k] for k in SUMMARY_KEYS} == {k: result["metrics"][k] for k in SUMMARY_KEYS}, name
-        assert s["checkpoint"] == result["artifacts"]["checkpoint"] and s["encoder"] == result["artifacts"]["encoder"]
-        losses = json.loads((out / name / "losses.json").read_text())["loss"]
-        assert len(losses) == s["steps"] and s["first_loss"] == sum(losses[:2]) / 2  # 20% of 12 steps
-    assert summary["eval"] == {k: read_result(out / "eval")["metrics"].get(k) for k in EVAL_KEYS}
-    exported = json.loads((out / "export" / "export.json").read_text())["models"][name]
-    assert export == {k: exported[k] for k in ("pte", "dtype", "parity_cosine", "bytes")}
-    timed = read_result(out / "latency" / name)["metrics"]
-    assert summary["latency"][name] == {k: timed.get(k) for k in ("median_ms", "p90_ms", "budget_ms", "passed")}
-    runs = json.loads((out / "latency" / name / "latency.json").read_text())["runs_ms"]
-    assert len(runs) == 3 and timed["median_ms"] == sorted(runs)[1]  # 3 timed runs: the middle one
+
+def test_the_run_ends_with_a_promoted_model_and_its_lineage(first_run, workspace):
+    run, _, _ = first_run
+    root, _ = workspace
+    pointer = json.loads((root / "artifacts" / "models" / "tiny" / "production.json").read_text())
+    assert pointer["version"] == 1 and pointer["run_id"] == "t1"
+    lineage = json.loads(Path(pointer["lineage"]).read_text())
+    assert lineage["dataset"]["hash"] == _result(run, "version_data")["metrics"]["hash"]
+    assert _result(run, "promote")["metrics"]["published"] is True
+    assert _result(run, "evaluate")["metrics"].get("gate_passed") is None  # first run: no production to beat
+
+
+def test_a_second_run_of_the_same_run_finds_every_step_up_to_date(first_run):
+    run, params, _ = first_run
+    steps = [s.name for s in RETRAIN.steps if s.expand is None and s.name != "promote"]
+    before = {s: _result(run, s)["finished_at"] for s in steps}
+    again = run_pipeline(RETRAIN, run.artifact_root, "t1", params, in_process=True)
+    assert {s: _result(again, s)["finished_at"] for s in steps} == before  # nothing was rewritten
+    assert _result(again, "promote")["metrics"]["already_production"] is True

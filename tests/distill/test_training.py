@@ -7,8 +7,6 @@ against a randomly initialised (seeded, hence identical in every process) proxy.
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +16,10 @@ from safetensors.torch import load_file
 import reference
 from eupe.config import load_config
 from eupe.results import read_result
-from runs import BIN, RESUME_EVERY, TIMEOUT_S, recipe, spawn, stage2_norm  # noqa: F401 (fixtures)
+from runs import BIN, RESUME_EVERY, kill_after_first_checkpoint, recipe, spawn, stage2_norm  # noqa: F401 (fixtures)
 from runs import assert_same_weights as _assert_same_weights
 from runs import eupe as _eupe
 from runs import finish as _finish
-from runs import latest_step as _latest_step
 from runs import losses as _losses
 
 pytestmark = pytest.mark.slow
@@ -98,19 +95,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(recipe: Path, stage2_n
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     reference = spawn(_stage2_cmd(recipe, stage2_norm, whole, RESUME_ITERS), tmp_path / "whole.log")
     victim = spawn(_stage2_cmd(recipe, stage2_norm, killed, RESUME_ITERS), tmp_path / "killed.log")
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while _latest_step(killed) < RESUME_EVERY:
-            assert victim.poll() is None, f"run ended before its first checkpoint: {(tmp_path / 'killed.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint within the time limit"
-            time.sleep(0.02)
-    finally:
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-    assert victim.returncode == -signal.SIGKILL
-    killed_at = _latest_step(killed)
-    assert killed_at < RESUME_ITERS and not (killed / "result.json").exists(), \
-        f"the run finished (step {killed_at}) before it was killed: raise RESUME_ITERS"
+    killed_at = kill_after_first_checkpoint(victim, killed, tmp_path / "killed.log", RESUME_ITERS)
 
     resumed = spawn(_stage2_cmd(recipe, stage2_norm, killed, RESUME_ITERS, "--resume"), tmp_path / "resumed.log")
     _finish(resumed, tmp_path / "resumed.log")

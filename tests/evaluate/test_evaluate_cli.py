@@ -94,7 +94,7 @@ def test_evaluate_trained_student_then_gate(tiny_config: Path, dense_data: Path,
     capsys.readouterr()
     failed = tmp_path / "failed"
     assert main(["evaluate", *cfg, *FAST, "--set", "eval.allow_missing_metrics=true", "--weights", str(ckpt),
-                 "--baseline", str(planted), "--out", str(failed)]) == 2
+                 "--baseline", str(planted), "--out", str(failed)]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
     assert err.startswith("eupe: error: quality gate failed") and "\n" not in err
     assert "seg_miou dropped to" in err and f"baseline {ev['seg_miou'] + 0.2:.4f}" in err and "knn_top1" not in err

@@ -88,3 +88,58 @@ def test_baseline_must_be_an_eval_json(tmp_path: Path) -> None:
         gate.read_baseline(str(other))
     with pytest.raises(EupeError, match="file not found"):
         gate.read_baseline(str(tmp_path / "missing.json"))
+
+
+# --------------------------------------------------------------------------- known answers at the edges
+# Values are exact binary fractions, so "a drop of exactly the tolerance" is exact in floating point.
+
+
+def test_a_fidelity_drop_is_held_to_the_fidelity_tolerance() -> None:
+    baseline = gate.gated_values(_with(fidelity={"proxy": 0.75, "pecore": 0.5}))
+    tol = {**TOL, "fidelity": 0.125}
+    inside = gate.check(_with(fidelity={"proxy": 0.6875, "pecore": 0.4375}), baseline, tol)  # both drop 0.0625
+    assert inside["passed"] and inside["regressed"] == []
+    by_name = {c["metric"]: c for c in inside["checks"]}
+    assert by_name["fidelity.proxy"]["tolerance"] == 0.125 and by_name["fidelity.pecore"]["tolerance"] == 0.125
+    outside = gate.check(_with(fidelity={"proxy": 0.5, "pecore": 0.4375}), baseline, tol)  # proxy drops 0.25
+    assert not outside["passed"] and outside["regressed"] == ["fidelity.proxy"]
+
+
+def test_a_fidelity_target_with_a_dot_in_its_name_is_still_a_fidelity_metric() -> None:
+    baseline = gate.gated_values(_with(fidelity={"dino.v3": 0.75}))
+    outcome = gate.check(_with(fidelity={"dino.v3": 0.6875}), baseline, {**TOL, "fidelity": 0.125})
+    assert outcome["passed"]
+    assert [c["tolerance"] for c in outcome["checks"] if c["metric"] == "fidelity.dino.v3"] == [0.125]
+
+
+def test_a_drop_of_exactly_the_tolerance_passes_in_both_directions() -> None:
+    baseline = gate.gated_values(_with(knn_top1=0.75, depth_rmse=0.5))
+    tol = {**TOL, "knn_top1": 0.25, "depth_rmse": 0.25}
+    assert gate.check(_with(knn_top1=0.5, depth_rmse=0.75), baseline, tol)["regressed"] == []
+    assert gate.check(_with(knn_top1=0.49, depth_rmse=0.76), baseline, tol)["regressed"] == ["depth_rmse", "knn_top1"]
+
+
+def test_a_metric_without_a_tolerance_may_not_move_at_all() -> None:
+    baseline = {"knn_top1": 0.75, "depth_rmse": 0.5}
+    unchanged = gate.check({"knn_top1": 0.75, "depth_rmse": 0.5}, baseline, {})
+    assert unchanged["passed"] and [c["tolerance"] for c in unchanged["checks"]] == [0.0, 0.0]
+    moved = gate.check({"knn_top1": 0.7499, "depth_rmse": 0.5001}, baseline, {})
+    assert moved["regressed"] == ["depth_rmse", "knn_top1"]
+
+
+def test_failure_message_spells_out_value_baseline_sign_and_tolerance() -> None:
+    baseline = {"knn_top1": 0.75, "depth_rmse": 0.5, "seg_miou": 0.5}
+    outcome = gate.check({"knn_top1": 0.25, "depth_rmse": 1.0}, baseline, {"knn_top1": 0.125, "depth_rmse": 0.0625})
+    assert gate.failure_message(outcome, "prod/eval.json") == (
+        "quality gate failed against prod/eval.json: "
+        "depth_rmse rose to 1.0000 (baseline 0.5000 + tolerance 0.0625); "
+        "knn_top1 dropped to 0.2500 (baseline 0.7500 - tolerance 0.125); "
+        "seg_miou missing from this run but present in the baseline (eval.allow_missing_metrics=true skips them)"
+    )
+
+
+def test_a_baseline_that_is_not_a_json_object_is_refused(tmp_path: Path) -> None:
+    listed = tmp_path / "eval.json"
+    listed.write_text(json.dumps([BASE]))
+    with pytest.raises(EupeError, match=f"--baseline {listed}: not an eval.json"):
+        gate.read_baseline(str(listed))

@@ -170,15 +170,19 @@ def run_scan(cfg, data: str, out: str | Path, workers: int | None = None) -> dic
     """``eupe data scan``: ``out/manifest.parquet`` and ``out/result.json`` for the dataset at ``data``."""
     import time
 
-    from eupe.results import RESULT_FILE, write_result
+    from eupe.fingerprint import fingerprint
+    from eupe.step import StepRun
 
     start = time.perf_counter()
     source = open_dataset(data)  # bad input fails here, before anything under ``out`` is touched
-    path = Path(out) / MANIFEST_FILE
-    (Path(out) / RESULT_FILE).unlink(missing_ok=True)  # a stale "ok" must not outlive a run that crashes
-    counts = write_manifest(source, path, workers=workers or os.cpu_count() or 1, max_pixels=cfg.validation.max_pixels)
-    if counts["images"] == 0:  # shards that hold no sample
-        raise EupeError(f"no images in {data}")
+    run = StepRun(out, "data-scan", fingerprint("data-scan", {"data": data}, max_pixels=cfg.validation.max_pixels))
+    if run.done:
+        return run.done
+    with run.staging() as tmp:
+        counts = write_manifest(source, tmp / MANIFEST_FILE, workers=workers or os.cpu_count() or 1,
+                                max_pixels=cfg.validation.max_pixels)
+        if counts["images"] == 0:  # shards that hold no sample
+            raise EupeError(f"no images in {data}")
     wall = time.perf_counter() - start
     metrics = {**counts, "wall_s": round(wall, 3), "images_per_s": round(counts["images"] / max(wall, 1e-9), 2)}
-    return write_result(out, "data-scan", metrics, {"manifest": path})
+    return run.finish(metrics, {"manifest": run.path(MANIFEST_FILE)})

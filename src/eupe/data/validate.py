@@ -39,7 +39,8 @@ from eupe.config import Config
 from eupe.data.manifest import MANIFEST_FILE, open_dataset, read_manifest, write_manifest
 from eupe.data.outliers import robust_scores
 from eupe.errors import EupeError
-from eupe.results import RESULT_FILE, write_result
+from eupe.fingerprint import fingerprint
+from eupe.step import StepRun
 
 __all__ = ["VALIDATION_FILE", "prepare", "run_validate", "validate_manifest"]
 
@@ -237,14 +238,16 @@ def _bad_files(df: pd.DataFrame, checks: list[Check], results: list[dict[str, An
             for uri in df["uri"] if uri in found]
 
 
-def validate_manifest(manifest: pd.DataFrame, cfg: Config, out: str | Path, source: str | None = None) -> dict[str, Any]:
+def validate_manifest(manifest: pd.DataFrame, cfg: Config, out: str | Path, source: str | None = None,
+                      final: str | None = None) -> dict[str, Any]:
     """Run the suite over ``manifest``; write ``validation.json``, ``data_docs/`` and the plots under
-    ``out`` (``source``: where the manifest came from, for the record). Returns the report; raising on a
-    broken "fail" expectation is the caller's job."""
+    ``out`` (``source``: where the manifest came from, for the record; ``final``: where ``out`` is published,
+    for the paths in the report). Returns the report; raising on a broken "fail" expectation is the caller's job."""
     from eupe.data.audit_plots import balance_bars, resolution_histogram, stats_scatter
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    where = str(final or out).rstrip("/")
     df, summary = prepare(manifest, cfg)
     checks = _checks(df, cfg)
     with storage.atomic_dir(out / DATA_DOCS_DIR) as docs:
@@ -265,8 +268,8 @@ def validate_manifest(manifest: pd.DataFrame, cfg: Config, out: str | Path, sour
         "num_bad_files": len(bad), "outlier_z": cfg.validation.outlier_z,
         "expectations": [{k: v for k, v in r.items() if k != "unexpected_uris"} for r in results],
         "bad_files": bad,
-        "data_docs": str(out / DATA_DOCS_DIR / "index.html"),
-        "plots": {k: str(v) for k, v in plots.items()},
+        "data_docs": f"{where}/{DATA_DOCS_DIR}/index.html",
+        "plots": {k: f"{where}/{Path(v).name}" for k, v in plots.items()},
     }
     storage.write_json(str(out / VALIDATION_FILE), report)
     return report
@@ -277,29 +280,31 @@ def run_validate(cfg: Config, data: str | None, out: str | Path, manifest: str |
     """``eupe data validate``: scan ``data`` (unless a ``manifest`` is given), validate, write the
     report and ``result.json``; raise :class:`EupeError` with a one-line summary when a "fail"
     expectation is broken (after everything is written)."""
-    out = Path(out)
     start = time.perf_counter()
-    stale = out / RESULT_FILE  # removed once the inputs check out: a stale "ok" must not outlive a crash
     if manifest is None:
         if not data:
             raise EupeError("data validate: give --data (a dataset to scan) or --manifest")
         source = open_dataset(data)
-        stale.unlink(missing_ok=True)
-        manifest = str(out / MANIFEST_FILE)
-        write_manifest(source, manifest, workers=workers or os.cpu_count() or 1,
-                       max_pixels=cfg.validation.max_pixels)
-    table = read_manifest(manifest)
-    if table.empty:
-        raise EupeError(f"manifest {manifest} lists no images")
-    stale.unlink(missing_ok=True)
-    report = validate_manifest(table, cfg, out, source=str(manifest))
+    run = StepRun(out, "data-validate", fingerprint("data-validate", {"data": data, "manifest": manifest}, cfg))
+    if run.done:
+        return storage.read_json(run.done["artifacts"]["validation"])
+    with run.staging() as tmp:
+        if manifest is None:
+            write_manifest(source, tmp / MANIFEST_FILE, workers=workers or os.cpu_count() or 1,
+                           max_pixels=cfg.validation.max_pixels)
+            table, manifest = read_manifest(str(tmp / MANIFEST_FILE)), run.path(MANIFEST_FILE)
+        else:
+            table = read_manifest(manifest)
+        if table.empty:
+            raise EupeError(f"manifest {manifest} lists no images")
+        report = validate_manifest(table, cfg, tmp, source=str(manifest), final=run.out)
     metrics = {k: report[k] for k in ("passed", "images", "decodable", "num_bad_files", "failed", "warnings",
                                       "buckets", "class_counts", "domain_counts")}
     metrics["wall_s"] = round(time.perf_counter() - start, 3)
-    artifacts = {"validation": out / VALIDATION_FILE, "manifest": manifest, "data_docs": report["data_docs"],
+    artifacts = {"validation": run.path(VALIDATION_FILE), "manifest": manifest, "data_docs": report["data_docs"],
                  **report["plots"]}
-    write_result(out, "data-validate", metrics, artifacts, status="ok" if report["passed"] else "failed")
+    run.finish(metrics, artifacts, status="ok" if report["passed"] else "failed")
     if not report["passed"]:
         raise EupeError(f"data validation failed: {', '.join(report['failed'])}; "
-                        f"{report['num_bad_files']} bad files (see {out / VALIDATION_FILE})")
+                        f"{report['num_bad_files']} bad files (see {run.path(VALIDATION_FILE)})")
     return report

@@ -106,21 +106,32 @@ def pull(path: str | Path, remote: str | None = None, dvc_file: str | None = Non
 # --------------------------------------------------------------------------- CLI
 
 
-def _report(step: str, info: dict[str, Any], out: str | None) -> None:
-    if out:
-        from eupe.results import write_result
+def _run(step: str, args: argparse.Namespace, action) -> None:
+    """``action`` (dvc add + push, or pull), skipped when ``--out`` holds an ok result for the same folder
+    content, remote and .dvc file."""
+    from eupe.fingerprint import fingerprint
+    from eupe.step import StepRun
 
-        write_result(out, step, {k: info[k] for k in ("hash", "size", "nfiles", "remote")},
-                     {"path": info["path"], "dvc_file": info["dvc_file"]})
+    run = None
+    if args.out:
+        inputs = {"path": args.path} if step == "data-version" else {"dvc_file": args.dvc_file or f"{args.path}.dvc"}
+        run = StepRun(args.out, step, fingerprint(step, inputs, remote=args.remote, dvc_file=args.dvc_file))
+        if run.done:
+            print(run.done["metrics"]["hash"])
+            return
+    info = action(args.path, args.remote, args.dvc_file)
+    if run is not None:
+        run.finish({k: info[k] for k in ("hash", "size", "nfiles", "remote")},
+                   {"path": info["path"], "dvc_file": info["dvc_file"]})
     print(info["hash"])
 
 
 def cmd_version(args: argparse.Namespace) -> None:
-    _report("data-version", version(args.path, args.remote, args.dvc_file), args.out)
+    _run("data-version", args, version)
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
-    _report("data-pull", pull(args.path, args.remote, args.dvc_file), args.out)
+    _run("data-pull", args, pull)
 
 
 def register(data: argparse._SubParsersAction) -> None:

@@ -19,12 +19,14 @@ from eupe import storage
 from eupe.config import Config
 from eupe.data.sources import ImageStream, open_data
 from eupe.data.loader import DistillImages
-from eupe.distill.targets import build_targets, check_models, target_features
+from eupe.distill.targets import build_targets, check_models, target_features, target_specs
 from eupe.errors import EupeError
 from eupe.distill.runtime import pick_device
-from eupe.results import clear_result, write_result
+from eupe.fingerprint import data_inputs, fingerprint
+from eupe.step import StepRun
 
 _FIELDS = ("cls_mean", "cls_std", "patch_mean", "patch_std")
+STATS_FILE = "norm.safetensors"
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,11 @@ def run_normalize(cfg: Config, stage: int, out: Path, manifest: str | None = Non
     if isinstance(source, ImageStream):
         raise EupeError(f"normalize: {cfg.data.root} streams (.tar shards); normalize needs random access: "
                         "point --data at an image folder of the same data (local or s3://)")
-    clear_result(out)
+    weights = {f"{field}.weights": spec.weights for _, field, spec, _ in target_specs(cfg, stage)}
+    run = StepRun(out, f"normalize-stage{stage}",
+                  fingerprint(f"normalize-stage{stage}", {**data_inputs(cfg.data), **weights, "manifest": manifest}, cfg))
+    if run.done:
+        return run.done
     strata: dict[str, int] | None = None
     if manifest is not None:
         indices, strata = _manifest_batch(cfg, source, manifest)
@@ -144,10 +150,10 @@ def run_normalize(cfg: Config, stage: int, out: Path, manifest: str | None = Non
                 accs[t.name].add("cls", f.cls)
                 accs[t.name].add("patch", f.patches)
     stats = {name: acc.stats(cfg.normalization.eps) for name, acc in accs.items()}
-    path = Path(out) / "norm.safetensors"
     selection = {"selection": "manifest-stratified" if manifest else "random", "manifest": manifest, "strata": strata}
     meta = {"stage": stage, "num_images": n, "images": [source.uri(i) for i in indices],
             "resolutions": {t.name: t.resolutions for t in targets}, **selection}
-    save_stats(str(path), stats, meta)
+    with run.staging() as tmp:
+        save_stats(str(tmp / STATS_FILE), stats, meta)
     dims = {name: {"cls": s.dims[0], "patch": s.dims[1]} for name, s in stats.items()}
-    return write_result(out, f"normalize-stage{stage}", {"num_images": n, "dims": dims, **selection}, {"stats": path})
+    return run.finish({"num_images": n, "dims": dims, **selection}, {"stats": run.path(STATS_FILE)})

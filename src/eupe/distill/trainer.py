@@ -34,6 +34,8 @@ from eupe.distill.runtime import Runtime, setup, teardown, warmup_cosine
 from eupe.distill.targets import (Target, build_targets, check_models, model_inputs, prepare, student_spec,
                                   target_features, target_specs)
 from eupe.errors import EupeError
+from eupe.fingerprint import data_inputs, fingerprint
+from eupe.step import StepRun
 from eupe.models.adapter import TargetAdapter
 from eupe.models.features import extract_features, feature_dims
 from eupe.models.registry import build_model, read_state_dict
@@ -176,20 +178,38 @@ def check_dims(targets: list[Target], stats: dict[str, FeatureStats], norm: str,
 
 def train(cfg: Config, stage: int, out: Path, norm: str, init: str | None = None, resume: bool = False) -> dict:
     st = cfg.stage(stage)
+    if storage.is_s3(str(out)):
+        raise EupeError(f"--out {out}: training writes its checkpoints to a local folder (a shared volume under "
+                        "torchrun), not to s3://")
     stats = preflight(cfg, stage, norm, init)
     source = open_data(cfg.data, cfg.seed)  # data.sources mixed by weight, or data.root
+    fp = run_fingerprint(cfg, stage, norm, init)
     rt = setup(cfg)
     try:
-        return _train(cfg, stage, st, Path(out), norm, stats, init, resume, source, rt)
+        return _train(cfg, stage, st, Path(out), norm, stats, init, resume, source, rt, fp)
     finally:
         teardown()
 
 
-def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime) -> dict:
+def run_fingerprint(cfg: Config, stage: int, norm: str, init: str | None) -> dict:
+    """What a stage's result depends on: data, statistics, init checkpoint, every model's weights, config, code."""
+    field_name, spec = student_spec(cfg, stage)
+    weights = {f"{where}.weights": s.weights for _, where, s, _ in target_specs(cfg, stage)}
+    inputs = {**data_inputs(cfg.data), **weights, f"{field_name}.weights": spec.weights, "norm": norm, "init": init}
+    return fingerprint(f"train-stage{stage}", inputs, cfg)
+
+
+def _same_run(a: dict | None, b: dict) -> bool:
+    """Same inputs and config (a code change alone, a bug fix, may resume)."""
+    return a is None or {k: v for k, v in a.items() if k != "code"} == {k: v for k, v in b.items() if k != "code"}
+
+
+def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, fp: dict) -> dict:
     torch.manual_seed(cfg.seed)
     accum = accumulation(st, stage, rt.world_size)
-    if rt.is_main:
-        results.clear_result(out)
+    run = StepRun(out, f"train-stage{stage}", fp, main=rt.is_main)
+    if run.done:
+        return run.done if rt.is_main else {}
 
     # --- models: frozen targets, their frozen statistics, the student and its adapters -------------
     targets = build_targets(cfg, stage, rt.device)
@@ -207,10 +227,13 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime) 
     history, start = History(), 0
     last = checkpoint.latest(ckpt_dir) if resume else None
     if resume and last is None:
-        log.warning("--resume: no complete checkpoint under %s, starting from step 0", ckpt_dir)
+        log.info("--resume: no complete checkpoint under %s yet, starting from step 0", ckpt_dir)
     fresh = last is None  # an older run's checkpoints stay until this run has saved its first one
     if last is not None:
         weights, state = checkpoint.load(last)
+        if not _same_run(state.get("fingerprint"), fp):
+            raise EupeError(f"--resume: {last} was written by a run with other inputs or config; "
+                            "train into another --out, or remove its checkpoints to start over")
         model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -263,7 +286,7 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime) 
             if rt.is_main:
                 last_ckpt = checkpoint.save(ckpt_dir, step + 1, model.state_dict(), {
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": checkpoint.rng_state(), "history": history.__dict__,
+                    "rng": checkpoint.rng_state(), "history": history.__dict__, "fingerprint": fp,
                 }, first=fresh)
             fresh = False
             rt.barrier()
@@ -274,16 +297,18 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime) 
     if not rt.is_main:
         return {}
     last_ckpt = last_ckpt or checkpoint.latest(ckpt_dir)
-    return results.write_training_result(out, stage, history.__dict__, {
+    return results.write_training_result(run, stage, history.__dict__, {
         "steps": st.iters, "steps_this_run": st.iters - start, "images_per_s": seen / wall if seen else 0.0,
         "wall_s": wall, "skipped_images": skipped, "world_size": rt.world_size, "global_batch": st.batch_size, "accumulation": accum,
     }, checkpoint_dir=last_ckpt, encoder_state={k: v for k, v in model.encoder.state_dict().items()})
 
 
 def load_init(model: DistillModel, uri: str) -> None:
-    """Start from an earlier stage's checkpoint: every encoder weight (a partial load would hide a changed
+    """Start from an earlier stage's checkpoint, or an encoder file: every encoder weight (a partial load would hide a changed
     student config), and the adapters whose shapes still fit (a stage may change the adapter width)."""
     state = read_state_dict(uri)
+    if not any(k.startswith("encoder.") for k in state):  # an encoder alone (encoder.safetensors, a published model)
+        state = {f"encoder.{k}": v for k, v in state.items()}
     own = model.state_dict()
     enc = [k for k in own if k.startswith("encoder.")]
     bad = [k for k in enc if k not in state or state[k].shape != own[k].shape]

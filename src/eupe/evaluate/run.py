@@ -34,7 +34,8 @@ from eupe.evaluate.keypoints import cell_centres, match, sample_mask
 from eupe.evaluate.warp import random_homographies, warp_images
 from eupe.models.features import Features, extract_features
 from eupe.models.registry import build_model, check_model_name, check_weights, freeze
-from eupe.results import write_result
+from eupe.fingerprint import data_inputs, fingerprint
+from eupe.step import StepRun
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,11 @@ def _fidelity(cfg: Config, inputs: Inputs, held: Encoded, rt: Runtime, size: int
 def run_evaluate(cfg: Config, encoder: str, out: Path, weights: str | None = None, checkpoint: str | None = None,
                  norm: str | None = None, baseline: str | None = None) -> dict:
     inputs = check_inputs(cfg, encoder, weights, checkpoint, norm, baseline)
+    run = StepRun(out, "evaluate", fingerprint("evaluate", {
+        **data_inputs(cfg.data), f"{inputs.field}.weights": inputs.spec.weights, "checkpoint": checkpoint, "norm": norm,
+        "proxy.weights": cfg.proxy.weights if checkpoint else None, "baseline": baseline}, cfg, encoder=encoder))
+    if run.done:
+        return run.done
     size = cfg.eval.resolution or inputs.spec.img_size
     rt = setup(cfg)
     try:
@@ -227,7 +233,7 @@ def run_evaluate(cfg: Config, encoder: str, out: Path, weights: str | None = Non
         outcome = gate.check(evaluation, inputs.baseline, cfg.eval.tolerances, cfg.eval.allow_missing_metrics)
     if outcome is not None:
         evaluation["gate"] = {"baseline": baseline, **outcome}
-    result = _publish(Path(out), evaluation, examples, inputs, outcome)
+    result = _publish(run, evaluation, examples, inputs, outcome)
     if outcome is not None and not outcome["passed"]:
         raise GateFailed(gate.failure_message(outcome, baseline))
     return result
@@ -286,23 +292,23 @@ def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int) -> tuple[dict
     return {**metrics, "details": details, "skipped": notes, "setup": setup_info, "timings_s": timings}, examples
 
 
-def _publish(out: Path, evaluation: dict, examples: dict, inputs: Inputs, outcome: dict | None) -> dict:
-    """eval.json, its PNGs and result.json, published together (temp folder, then rename)."""
+def _publish(run: StepRun, evaluation: dict, examples: dict, inputs: Inputs, outcome: dict | None) -> dict:
+    """eval.json and its PNGs, published together; then result.json."""
     held: Encoded = examples["held"]
     scores = gate.gated_values(evaluation)
-    plots = {"metrics_plot": out / "eval_metrics.png"}
-    with storage.atomic_dir(out) as tmp:
+    plots = {"metrics_plot": run.path("eval_metrics.png")}
+    with run.staging() as tmp:
         report.metrics_chart(scores, tmp / "eval_metrics.png", inputs.baseline, title=f"{inputs.name}: {inputs.spec.model}")
         if "seg" in examples:
             num_classes = evaluation["details"]["seg_num_classes"]
             report.seg_example(held.images[0], held.masks[0], examples["seg"][0], num_classes, tmp / "seg_example.png")
-            plots["seg_plot"] = out / "seg_example.png"
+            plots["seg_plot"] = run.path("seg_example.png")
         if "depth" in examples:
             report.depth_example(held.images[0], held.depths[0], examples["depth"][0], tmp / "depth_example.png")
-            plots["depth_plot"] = out / "depth_example.png"
+            plots["depth_plot"] = run.path("depth_example.png")
         if examples.get("keypoints"):
             report.keypoint_example(**examples["keypoints"], path=tmp / "keypoints_example.png")
-            plots["keypoints_plot"] = out / "keypoints_example.png"
+            plots["keypoints_plot"] = run.path("keypoints_example.png")
         evaluation["plots"] = {k: str(v) for k, v in plots.items()}
         storage.write_json(str(tmp / EVAL_FILE), evaluation)
         metrics = {k: evaluation[k] for k in METRICS}
@@ -310,5 +316,4 @@ def _publish(out: Path, evaluation: dict, examples: dict, inputs: Inputs, outcom
             metrics["gate_passed"] = outcome["passed"]
             metrics["gate_regressed"] = outcome["regressed"]
         status = "failed" if outcome is not None and not outcome["passed"] else "ok"
-        result = write_result(tmp, "evaluate", metrics, {"eval": out / EVAL_FILE, **plots}, status=status)
-    return result
+    return run.finish(metrics, {"eval": run.path(EVAL_FILE), **plots}, status=status)

@@ -14,7 +14,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     extra = input_overrides(args)
     if args.weights:
         extra.append((f"{args.encoder}.weights", args.weights))
-    result = run_export(load(args, extra), Path(args.out), encoder=args.encoder)
+    if args.resolution:
+        extra.append(("export.resolutions", [args.resolution]))
+    result = run_export(load(args, extra), Path(args.out), encoder=args.encoder, dtypes=[args.dtype] if args.dtype else None)
     m = result["metrics"]
     parity = ", ".join(f"{k.removeprefix('parity_cosine_')} {v:.5f}" for k, v in m.items() if k.startswith("parity_cosine_"))
     print(f"export: {m['models']} .pte in {args.out}, lowest parity cosine: {parity}")
@@ -25,7 +27,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
 
     result = run_latency(load(args), args.pte, Path(args.out), args.model, resolution=args.resolution,
                          device=args.device, budgets=args.budgets, device_class=args.device_class,
-                         runner=args.runner, serial=args.serial)
+                         runner=args.runner, serial=args.serial, budget_ms=args.budget_ms)
     m = result["metrics"]
     budget = f", budget {m['budget_ms']:g} ms: {'pass' if m['passed'] else 'FAIL'}" if m["budget_ms"] else ""
     print(f"latency: median {m['median_ms']:.2f} ms, p90 {m['p90_ms']:.2f} ms over {m['runs']} runs{budget}")
@@ -37,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default="student", choices=["student", "proxy"], help="which model of the recipe")
     p.add_argument("--weights", help="trained encoder (e.g. stage3/encoder.safetensors; overrides <encoder>.weights)")
     p.add_argument("--data", help="images for int8 calibration and the parity check (overrides data.root)")
+    p.add_argument("--resolution", type=int, help="export this input size only (overrides export.resolutions)")
+    p.add_argument("--dtype", choices=["fp32", "int8"], help="export this precision only (default: fp32, and int8 "
+                                                           "with export.int8)")
     p.add_argument("--out", required=True, help="output folder (*.pte, export.json, export.png, result.json)")
     p.set_defaults(func=cmd_export)
 
@@ -48,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="local", choices=["local", "adb"], help="this machine, or a phone over adb")
     p.add_argument("--budgets", help="budgets YAML (default latency.budgets; none: measure without a gate)")
     p.add_argument("--device-class", help="row of the budgets file (default latency.device_class)")
+    p.add_argument("--budget-ms", type=float, help="gate the median on this budget instead of a row of the budgets file")
     p.add_argument("--runner", help="adb: ExecuTorch executor_runner built for the phone (default latency.executor_runner)")
     p.add_argument("--serial", help="adb: device serial when several are attached")
     p.add_argument("--out", required=True, help="output folder (latency.json, latency.png, result.json)")

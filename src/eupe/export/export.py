@@ -25,8 +25,9 @@ from eupe.errors import EupeError, GateFailed
 from eupe.evaluate.data import EvalImages, open_image_folder
 from eupe.export.lower import EncoderOutputs, check_size, fixed_size, lower
 from eupe.export.runtime import load_forward, parity
-from eupe.models.registry import build_model
-from eupe.results import write_result
+from eupe.models.registry import build_model, check_weights
+from eupe.fingerprint import data_inputs, fingerprint
+from eupe.step import StepRun
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def _images(source: ImageSource, size: int, indices: list[int], mean: torch.Tens
         yield prepare(b["image"], size, mean, std)
 
 
-def run_export(cfg: Config, out: Path, encoder: str = "student") -> dict:
+def run_export(cfg: Config, out: Path, encoder: str = "student", dtypes: list[str] | None = None) -> dict:
+    """Every ``export.resolutions`` x dtype (fp32, and int8 with ``export.int8``), or only ``dtypes``."""
     if encoder not in ENCODERS:
         raise EupeError(f"--encoder: expected one of {list(ENCODERS)}, got {encoder!r}")
     spec = getattr(cfg, encoder)
@@ -50,6 +52,11 @@ def run_export(cfg: Config, out: Path, encoder: str = "student") -> dict:
     if spec.weights is None:
         raise EupeError(f"{encoder}.weights: no trained weights to export (pass --weights, e.g. stage3/encoder.safetensors)")
     source = open_image_folder(cfg.data.root, "export (int8 calibration and the parity check)")
+    check_weights(spec.weights, f"{encoder}.weights")
+    run = StepRun(out, "export", fingerprint("export", {**data_inputs(cfg.data), f"{encoder}.weights": spec.weights},
+                                             cfg, encoder=encoder, dtypes=dtypes))
+    if run.done:
+        return run.done
     model = build_model(spec, encoder).eval()  # our checkpoints: encoder.* only, adapters dropped
     for r in ex.resolutions:  # a size the model cannot take fails before any export
         check_size(model, spec, r)
@@ -58,11 +65,11 @@ def run_export(cfg: Config, out: Path, encoder: str = "student") -> dict:
     parity_idx = list(range(max(0, n - ex.parity_images), n))  # the last images; calibration uses the first
     calib_idx = list(range(min(n, ex.calibration_images)))
 
-    variants = [("fp32", ex.fp32_min_cosine)] + ([("int8", ex.int8_min_cosine)] if ex.int8 else [])
+    bounds = {"fp32": ex.fp32_min_cosine, "int8": ex.int8_min_cosine}
+    variants = [(d, bounds[d]) for d in (dtypes or ["fp32"] + (["int8"] if ex.int8 else []))]
     models: dict[str, dict] = {}
     failures: list[str] = []
-    out = Path(out)
-    with storage.atomic_dir(out) as tmp:
+    with run.staging() as tmp:
         for r in ex.resolutions:
             x = next(_images(source, r, parity_idx, mean, std, batch=len(parity_idx)))
             with torch.no_grad():
@@ -80,7 +87,7 @@ def run_export(cfg: Config, out: Path, encoder: str = "student") -> dict:
                 outputs = [forward(x[i : i + 1]) for i in range(len(x))]
                 p = parity(reference, [torch.cat(o) for o in zip(*outputs, strict=True)])
                 row = {
-                    "pte": str(out / f"{name}.pte"), "input_shape": [1, 3, r, r], "dtype": dtype, "resolution": r,
+                    "pte": run.path(f"{name}.pte"), "input_shape": [1, 3, r, r], "dtype": dtype, "resolution": r,
                     "parity_cosine": p["cosine"], "parity_max_abs": p["max_abs"], "min_cosine": bound,
                     "bytes": len(lowered.program), "export_s": round(export_s, 3),
                     "delegated_nodes": lowered.delegated_nodes, "xnnpack_subgraphs": lowered.subgraphs,
@@ -116,9 +123,9 @@ def run_export(cfg: Config, out: Path, encoder: str = "student") -> dict:
             rows = [m for m in models.values() if m["dtype"] == dtype]
             metrics[f"parity_cosine_{dtype}"] = min(m["parity_cosine"] for m in rows)
             metrics[f"bytes_{dtype}"] = max(m["bytes"] for m in rows)
-        artifacts = {"export": out / EXPORT_FILE, "plot": out / "export.png",
+        artifacts = {"export": run.path(EXPORT_FILE), "plot": run.path("export.png"),
                      **{name: m["pte"] for name, m in models.items()}}
-        result = write_result(tmp, "export", metrics, artifacts, status="failed" if failures else "ok")
+    result = run.finish(metrics, artifacts, status="failed" if failures else "ok")
     if failures:
-        raise GateFailed(f"export failed ({out / EXPORT_FILE}): {'; '.join(failures)}")
+        raise GateFailed(f"export failed ({run.path(EXPORT_FILE)}): {'; '.join(failures)}")
     return result

@@ -30,7 +30,8 @@ from eupe.errors import EupeError, GateFailed
 from eupe.evaluate import gate
 from eupe.registry import lineage as lin
 from eupe.registry.lineage import model_root, read_pointer, versions
-from eupe.results import clear_result, write_result
+from eupe.results import write_result
+from eupe.step import StepRun
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def promote(inputs: Inputs, name: str, root: str, out: str, run_id: str | None =
     """Publish ``inputs`` as the next version of ``name`` and point production at it; see the module doc."""
     base = model_root(root, name)
     pointer_uri = f"{base}/{lin.POINTER_FILE}"
-    clear_result(out)
+    StepRun(out, STEP)  # --out checked, a stale result.json dropped
     failed = gate_failures(inputs)
     if failed:
         raise _fail(out, name, failed)

@@ -1,0 +1,54 @@
+"""Fan-out planners: the elements a step is mapped over, computed when the run reaches it.
+
+``export`` runs once per (resolution, dtype) of the recipe's ``export`` section; ``latency`` once per
+exported ``.pte`` and device class. Airflow maps its tasks over these lists (dynamic task mapping),
+the local runner loops over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from components.run import PipelineRun
+
+
+def _config(run: PipelineRun):
+    from eupe.config import load_config  # pydantic + YAML, no torch
+
+    return load_config(run.param("config"), run.pipeline.overrides(run.params))
+
+
+def export_variants(run: PipelineRun) -> list[dict]:
+    ex = _config(run).export
+    dtypes = ["fp32"] + (["int8"] if ex.int8 else [])
+    return [{"name": f"student_{r}px_{d}", "resolution": r, "dtype": d} for r in ex.resolutions for d in dtypes]
+
+
+def device_classes(run: PipelineRun) -> list[str]:
+    listed = str(run.params.get("device_classes") or "")
+    return [c.strip() for c in listed.split(",") if c.strip()] or [_config(run).latency.device_class]
+
+
+def latency_runs(run: PipelineRun) -> list[dict]:
+    rows = []
+    for v in export_variants(run):
+        pte = _pte(run, v)
+        for device_class in device_classes(run):
+            rows.append({"name": f"{v['name']}_{device_class}", "pte": pte, "device_class": device_class,
+                         "model": v["name"]})
+    return rows
+
+
+def _pte(run: PipelineRun, variant: dict) -> str:
+    """The ``.pte`` the export of ``variant`` wrote (its result.json artifact of the same name)."""
+    return run.result("export", variant)["artifacts"][variant["name"]]
+
+
+PLANNERS: dict[str, Callable[[PipelineRun], list[dict]]] = {
+    "export_variants": export_variants,
+    "latency_runs": latency_runs,
+}
+
+
+def items(run: PipelineRun, planner: str | None) -> list[dict | None]:
+    return PLANNERS[planner](run) if planner else [None]

@@ -1,0 +1,69 @@
+"""The table a pipeline run ends with (``summary.json`` next to the run's steps), read from the steps'
+own ``result.json`` files: what each stage reached, the evaluation, and each exported ``.pte`` with
+its parity and latency."""
+
+from __future__ import annotations
+
+from components.plan import export_variants, latency_runs
+from components.run import PipelineRun, UnresolvedReference
+
+STAGE_KEYS = ("first_loss", "last_loss", "steps", "images_per_s", "wall_s")
+EVAL_KEYS = ("knn_top1", "seg_miou", "depth_rmse", "depth_delta1", "keypoint_pck", "fidelity")
+EXPORT_KEYS = ("pte", "dtype", "parity_cosine", "bytes")
+LATENCY_KEYS = ("median_ms", "p90_ms", "budget_ms", "passed")
+
+
+def build_summary(run: PipelineRun) -> dict:
+    summary: dict = {"run": run.root, "stages": {}}
+    for n in (1, 2, 3):
+        try:
+            r = run.result(f"train_stage{n}")
+        except UnresolvedReference:  # skipped (a reused proxy) or not part of this pipeline
+            continue
+        summary["stages"][f"stage{n}"] = {**{k: r["metrics"][k] for k in STAGE_KEYS},
+                                          **{k: r["artifacts"][k] for k in ("checkpoint", "encoder", "loss_curve")}}
+    metrics = run.result("evaluate")["metrics"]
+    summary["eval"] = {k: metrics.get(k) for k in EVAL_KEYS}
+    summary["export"], summary["latency"] = {}, {}
+    for v in export_variants(run):
+        from eupe import storage
+
+        row = storage.read_json(run.result("export", v)["artifacts"]["export"])["models"][v["name"]]
+        summary["export"][v["name"]] = {k: row[k] for k in EXPORT_KEYS}
+    for item in latency_runs(run):
+        m = run.result("latency", item)["metrics"]
+        summary["latency"][item["name"]] = {"model": item["model"], "device_class": item["device_class"],
+                                            **{k: m.get(k) for k in LATENCY_KEYS}}
+    return summary
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _fmt(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def format_table(summary: dict) -> str:
+    rows = [("stage", "first loss", "last loss", "steps", "img/s", "checkpoint")]
+    for name, s in summary["stages"].items():
+        rows.append((name, f"{s['first_loss']:.4f}", f"{s['last_loss']:.4f}", str(s["steps"]),
+                     f"{s['images_per_s']:.1f}", s["checkpoint"]))
+    lines = _table(rows)
+    lines += ["", *_table([("eval metric", "value"), *((k, _fmt(v)) for k, v in summary["eval"].items())])]
+    rows = [("model", "parity cos", "MiB")]
+    for name, e in summary["export"].items():
+        rows.append((name, f"{e['parity_cosine']:.5f}", f"{e['bytes'] / 2**20:.2f}"))
+    lines += ["", *_table(rows)]
+    rows = [("latency run", "median ms", "p90 ms", "budget ms", "gate")]
+    for name, lat in summary["latency"].items():
+        gate = "n/a" if lat.get("passed") is None else "pass" if lat["passed"] else "FAIL"
+        rows.append((name, _fmt(lat.get("median_ms")), _fmt(lat.get("p90_ms")), _fmt(lat.get("budget_ms")), gate))
+    lines += ["", *_table(rows)]
+    return "\n".join(lines)

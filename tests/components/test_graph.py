@@ -1,0 +1,90 @@
+"""The step graph: edges from references, and each step's command line resolved for one run."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.graph import FINETUNE, PIPELINES, RETRAIN, Pipeline, Step
+from components.run import PipelineRun, UnresolvedReference
+
+
+def _done(run: PipelineRun, step: str, artifacts: dict, item: dict | None = None) -> None:
+    out = Path(run.out(step, item))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps({"step": step, "status": "ok", "artifacts": artifacts}))
+
+
+def test_edges_come_from_the_references_and_gates():
+    needs = {s.name: set(s.needs) for s in RETRAIN.steps}
+    assert needs["train_stage2"] == {"train_stage1", "normalize_stage2"}
+    assert needs["train_stage3"] == {"train_stage1", "train_stage2", "normalize_stage3"}
+    assert needs["export"] == {"train_stage3", "evaluate"}  # nothing is exported before the quality gate
+    assert needs["latency"] == {"export"}
+    assert needs["promote"] == {"train_stage3", "evaluate", "export", "latency", "version_data"}
+    assert "train_stage1" not in {n for s in FINETUNE.steps for n in s.needs}
+    assert sorted(PIPELINES) == ["eupe_domain_finetune", "eupe_retrain"]
+
+
+def test_a_step_reading_a_later_or_unknown_step_is_refused_at_declaration():
+    a = Step("a", ("x", "--in", "{b:out}"), {})
+    with pytest.raises(ValueError, match="p.a reads 'b', which is not an earlier step"):
+        Pipeline("p", "", (a, Step("b", ("y",), {})))
+
+
+def test_commands_resolve_upstream_outputs_params_and_alternatives(tmp_path):
+    run = PipelineRun.create(RETRAIN, str(tmp_path), "manual__2026-12-01T00:00:00+00:00",
+                             {"config": "c.yaml", "dataset_uri": "s3://b/lvd/"})
+    assert run.root == f"{tmp_path}/runs/eupe_retrain/manual__2026-12-01T00_00_00+00_00"
+    _done(run, "validate", {"manifest": "m.parquet"})
+    _done(run, "train_stage1", {"encoder": "proxy.safetensors"})
+    argv = run.command(RETRAIN.step("normalize_stage2"))
+    assert argv == ["normalize", "--config", "c.yaml", "--data", "s3://b/lvd/", "--proxy", "proxy.safetensors",
+                    "--manifest", "m.parquet", "--stage", "2", "--out", run.out("normalize_stage2")]
+    reused = PipelineRun.create(RETRAIN, str(tmp_path), "r2", {"proxy": "s3://models/proxy.safetensors"})
+    assert reused.skipped(RETRAIN.step("train_stage1")) and not reused.skipped(RETRAIN.step("train_stage2"))
+    _done(reused, "validate", {"manifest": "m.parquet"})
+    assert "s3://models/proxy.safetensors" in reused.command(RETRAIN.step("normalize_stage2"))
+
+
+def test_training_resumes_an_empty_baseline_is_dropped_and_a_missing_output_is_named(tmp_path):
+    run = PipelineRun.create(RETRAIN, str(tmp_path), "r1")
+    _done(run, "normalize_stage1", {"stats": "n1.safetensors"})
+    assert run.command(RETRAIN.step("train_stage1"))[-1] == "--resume"
+    for step, arts in (("train_stage1", {"encoder": "p"}), ("normalize_stage3", {"stats": "n3"}),
+                       ("train_stage3", {"encoder": "e", "checkpoint_model": "m"})):
+        _done(run, step, arts)
+    evaluate = run.command(RETRAIN.step("evaluate"))
+    assert "--baseline" not in evaluate  # no production model yet: no gate
+    assert json.loads((Path(run.root) / "baselines.json").read_text()) == {"eupe_student": ""}
+    with pytest.raises(UnresolvedReference, match="train_stage2 has no result"):
+        run.command(RETRAIN.step("train_stage3"))
+
+
+def test_fine_tune_parameters_become_config_overrides_and_stage_2_is_optional(tmp_path):
+    run = PipelineRun.create(FINETUNE, str(tmp_path), "f1", {"stages": "3", "steps": 40, "lr": 1e-4,
+                                                             "base_checkpoint": "s3://m/base.safetensors"})
+    assert run.skipped(FINETUNE.step("train_stage2"))
+    _done(run, "normalize_stage3", {"stats": "n3"})
+    argv = run.command(FINETUNE.step("train_stage3"))
+    assert argv[argv.index("--init") + 1] == "s3://m/base.safetensors"
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert sets == ["stage2.iters=40", "stage3.iters=40", "stage2.lr=0.0001", "stage3.lr=0.0001"]
+
+
+def test_promote_gets_one_flag_per_fanned_out_element(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("export: {resolutions: [32, 48], int8: true}\nlatency: {device_class: ci-cpu}\n")
+    run = PipelineRun.create(RETRAIN, str(tmp_path), "r1", {"config": str(config), "model_name": "m"})
+    _done(run, "train_stage3", {"encoder": "e"})
+    for r in (32, 48):
+        for d in ("fp32", "int8"):
+            name = f"student_{r}px_{d}"
+            _done(run, "export", {name: f"{name}.pte"}, {"name": name})
+    argv = run.command(RETRAIN.step("promote"))
+    exports = [argv[i + 1] for i, a in enumerate(argv) if a == "--export"]
+    latencies = [argv[i + 1] for i, a in enumerate(argv) if a == "--latency"]
+    assert [Path(e).name for e in exports] == ["student_32px_fp32", "student_32px_int8", "student_48px_fp32",
+                                               "student_48px_int8"]
+    assert [Path(x).name for x in latencies] == [f"{Path(e).name}_ci-cpu" for e in exports]
+    assert argv[argv.index("--registry") + 1] == str(tmp_path) and argv[argv.index("--run-id") + 1] == "r1"

@@ -1,0 +1,136 @@
+"""The one way a step finishes (eupe.step.StepRun), on local disk and on a real S3 API (moto_server):
+staged outputs published under their names only, result.json last, a stale result dropped first, a
+rerun with the same fingerprint a no-op, another step's folder refused, a killed run's leftovers removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eupe import storage
+from eupe.errors import EupeError
+from eupe.fingerprint import digest, fingerprint
+from eupe.step import StepRun
+
+
+def _run_once(out: str, fp: dict, payload: bytes = b"v1") -> dict:
+    run = StepRun(out, "demo-step", fp)
+    if run.done:
+        return run.done
+    with run.staging() as tmp:
+        (tmp / "model.bin").write_bytes(payload)
+        (tmp / "plots").mkdir()
+        (tmp / "plots" / "a.png").write_bytes(b"png")
+    return run.finish({"n": 1}, {"model": run.path("model.bin")})
+
+
+def test_publishes_staged_names_only_and_writes_result_last(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_1.bin").write_bytes(b"keep me")  # not this step's output: must survive
+    result = _run_once(str(out), {"k": 1})
+    assert result["status"] == "ok" and result["fingerprint"] == {"k": 1}
+    assert (out / "model.bin").read_bytes() == b"v1" and (out / "plots" / "a.png").is_file()
+    assert (out / "checkpoints" / "step_1.bin").read_bytes() == b"keep me"
+    assert json.loads((out / "result.json").read_text())["artifacts"]["model"] == str(out / "model.bin")
+    assert not list(out.glob(".demo-step.staging-*"))
+
+
+def test_same_fingerprint_is_up_to_date_and_other_inputs_recompute(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    first = _run_once(out, {"k": 1})
+    again = _run_once(out, {"k": 1}, payload=b"never written")
+    assert again["up_to_date"] is True and again["finished_at"] == first["finished_at"]
+    assert (tmp_path / "out" / "model.bin").read_bytes() == b"v1"
+    other = _run_once(out, {"k": 2}, payload=b"v2")
+    assert "up_to_date" not in other and (tmp_path / "out" / "model.bin").read_bytes() == b"v2"
+    (tmp_path / "out" / "model.bin").unlink()  # an artifact gone: not up to date any more
+    assert "up_to_date" not in _run_once(out, {"k": 2}, payload=b"v3")
+
+
+def test_a_failure_drops_the_stale_result_and_publishes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _run_once(str(out), {"k": 1})
+    run = StepRun(str(out), "demo-step", {"k": 2})
+    assert not (out / "result.json").exists()  # a stale "ok" never outlives a crash
+    with pytest.raises(RuntimeError):
+        with run.staging() as tmp:
+            (tmp / "model.bin").write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert (out / "model.bin").read_bytes() == b"v1" and not list(out.glob(".demo-step.staging-*"))
+
+
+def test_another_steps_folder_and_a_file_are_refused_before_anything_is_touched(tmp_path: Path) -> None:
+    out = tmp_path / "train"
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"step": "train-stage3", "status": "ok"}))
+    with pytest.raises(EupeError, match=r"holds the output of step 'train-stage3', not 'export'"):
+        StepRun(str(out), "export")
+    assert json.loads((out / "result.json").read_text())["step"] == "train-stage3"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(EupeError, match="is a file, not a folder"):
+        StepRun(str(afile), "export")
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = f"""
+import sys, time
+from eupe.step import StepRun
+run = StepRun({str(out)!r}, "demo-step", {{"k": 1}})
+with run.staging() as tmp:
+    (tmp / "model.bin").write_bytes(b"partial")
+    print("staged", flush=True)
+    time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "staged"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    leftovers = list(out.glob(".demo-step.staging-*"))
+    assert len(leftovers) == 1 and not (out / "model.bin").exists() and not (out / "result.json").exists()
+    _run_once(str(out), {"k": 1})
+    assert not list(out.glob(".demo-step.staging-*")) and (out / "model.bin").read_bytes() == b"v1"
+
+
+def test_the_same_mechanism_on_s3(s3_bucket: str) -> None:
+    out = f"s3://{s3_bucket}/runs/r1/step"
+    storage.write_bytes(f"{out}/checkpoints/step_1.bin", b"keep me")
+    first = _run_once(out, {"k": 1})
+    assert storage.read_bytes(f"{out}/model.bin") == b"v1" and storage.read_bytes(f"{out}/plots/a.png") == b"png"
+    assert storage.read_bytes(f"{out}/checkpoints/step_1.bin") == b"keep me"
+    assert storage.read_json(f"{out}/result.json")["artifacts"]["model"] == f"{out}/model.bin"
+    assert _run_once(out, {"k": 1}, payload=b"x")["finished_at"] == first["finished_at"]
+    StepRun(out, "demo-step", {"k": 2})  # other inputs: the stale result goes first
+    assert not storage.exists(f"{out}/result.json")
+
+
+def test_fingerprint_follows_content_not_names(tmp_path: Path, s3_bucket: str) -> None:
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a")
+    d1 = fingerprint("s", {"weights": str(f), "none": None})
+    assert list(d1["inputs"]) == ["weights"] and d1["inputs"]["weights"]["digest"].startswith("sha256:")
+    f.write_bytes(b"b")
+    assert fingerprint("s", {"weights": str(f)}) != d1
+    folder = tmp_path / "data"
+    (folder / "c").mkdir(parents=True)
+    (folder / "c" / "x.jpg").write_bytes(b"1")
+    before = digest(str(folder))
+    time.sleep(0.01)
+    (folder / "c" / "y.jpg").write_bytes(b"2")
+    assert digest(str(folder)) != before
+    storage.write_bytes(f"s3://{s3_bucket}/d/x.jpg", b"1")
+    one = digest(f"s3://{s3_bucket}/d/x.jpg")
+    assert one.startswith("etag:") and digest(f"s3://{s3_bucket}/d/").startswith("listing:")
+    with pytest.raises(EupeError, match="input not found"):
+        digest(str(tmp_path / "missing"))
