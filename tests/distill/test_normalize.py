@@ -1,3 +1,4 @@
+import json
 import hashlib
 
 import pytest
@@ -102,3 +103,60 @@ def test_std_adds_eps_and_constant_channels_do_not_divide_by_zero():
     torch.testing.assert_close(s.cls_std, torch.tensor([1.5, 0.5]))
     torch.testing.assert_close(s.patch_mean, torch.tensor([2.0]))
     torch.testing.assert_close(s.patch_std, torch.tensor([2.0**0.5 + 0.5]))
+
+
+def test_stats_accumulated_in_chunks_equal_one_pass():
+    g = torch.Generator().manual_seed(4)
+    cls, patches = torch.randn(12, 5, generator=g) * 2 + 1, torch.randn(12, 3, 4, generator=g) - 3
+    whole = _stats_of(cls, patches)
+    acc = StatsAccumulator()
+    for part in (slice(0, 5), slice(5, 9), slice(9, 12)):
+        acc.add("cls", cls[part])
+        acc.add("patch", patches[part])
+    chunked = acc.stats(1e-6)
+    for k, v in whole.__dict__.items():
+        torch.testing.assert_close(getattr(chunked, k), v, rtol=1e-5, atol=1e-6, msg=k)
+    assert chunked.cls_mean.dtype == torch.float32
+
+
+def test_load_stats_without_metadata_with_dotted_names_and_a_missing_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    s = _stats_of(torch.randn(8, 3), torch.randn(8, 2, 3))
+    tensors = {f"teachers.0.{f}": getattr(s, f) for f in ("cls_mean", "cls_std", "patch_mean", "patch_std")}
+    save_file(tensors, str(tmp_path / "plain.safetensors"))  # no "eupe" metadata: an empty record
+    stats, meta = load_stats(str(tmp_path / "plain.safetensors"))
+    assert meta == {} and list(stats) == ["teachers.0"] and torch.equal(stats["teachers.0"].cls_std, s.cls_std)
+    del tensors["teachers.0.patch_std"]
+    save_file(tensors, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(EupeError, match=r"partial\.safetensors: missing tensor 'teachers\.0\.patch_std'"):
+        load_stats(str(tmp_path / "partial.safetensors"))
+
+
+def test_normalize_step_equals_the_statistics_of_its_images_centre_cropped(tiny_config, tmp_path):
+    """The step's numbers, recomputed here from the images it lists: resize + centre crop (no training
+    augmentation) at the largest resolution, each target at each of its resolutions."""
+    from eupe.config import load_config
+    from eupe.data.loader import DistillImages
+    from eupe.data.sources import open_data
+    from eupe.distill.targets import build_targets, target_features
+
+    out = tmp_path / "norm1"
+    assert main(["normalize", "--config", str(tiny_config), "--stage", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["step"] == "normalize-stage1" and result["artifacts"]["stats"] == str(out / "norm.safetensors")
+    m = result["metrics"]
+    assert (m["num_images"], m["selection"], m["manifest"], m["strata"]) == (32, "random", None, None)
+    assert m["dims"] == {"pecore": {"cls": 48, "patch": 48}, "dinov3": {"cls": 40, "patch": 40}}
+    stats, meta = load_stats(str(out / "norm.safetensors"))
+    assert meta["stage"] == 1 and meta["resolutions"] == {"pecore": [56], "dinov3": [48]}
+
+    cfg = load_config(tiny_config)
+    source = open_data(cfg.data, cfg.seed)
+    index = {source.uri(i): i for i in range(len(source))}
+    images = torch.stack([DistillImages(source, 56, train=False)[index[u]][0] for u in meta["images"]])
+    for t in build_targets(cfg, 1, torch.device("cpu")):
+        f = target_features(t, images, t.resolutions[0])
+        expected = _stats_of(f.cls, f.patches, eps=cfg.normalization.eps)
+        for k, v in expected.__dict__.items():
+            torch.testing.assert_close(getattr(stats[t.name], k), v, rtol=1e-4, atol=1e-5, msg=f"{t.name}.{k}")
