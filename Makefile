@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench mutate clean-demo lock
+.PHONY: demo test bench mutate planted clean-demo lock
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ mutate: $(STAMP)
 	set -f; start=$$(date +%s); \
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTATE_JOBS) $$($(BIN)/python tools/mutation_report.py --globs) && \
 	$(BIN)/python tools/mutation_report.py --wall-s $$(( $$(date +%s) - start ))
+
+# Each bug of the recipe audit planted in a copy of the code, one at a time: every one must fail a test.
+planted: $(STAMP)
+	$(BIN)/python tools/planted_bugs.py
 
 clean-demo:
 	rm -rf artifacts/demo artifacts/runs/eupe_retrain/demo airflow_home
