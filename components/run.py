@@ -111,6 +111,8 @@ class PipelineRun:
                     if item is None or key not in item:
                         raise UnresolvedReference(f"no fan-out element with {key!r}")
                     value = item[key]
+                elif self.skipped(self.pipeline.step(kind)):
+                    continue  # a skipped step's output is simply not set: the next alternative, or nothing
                 else:
                     value = self.output(kind, key)
             except UnresolvedReference as e:

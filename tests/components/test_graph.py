@@ -88,3 +88,9 @@ def test_promote_gets_one_flag_per_fanned_out_element(tmp_path):
                                                "student_48px_int8"]
     assert [Path(x).name for x in latencies] == [f"{Path(e).name}_ci-cpu" for e in exports]
     assert argv[argv.index("--registry") + 1] == str(tmp_path) and argv[argv.index("--run-id") + 1] == "r1"
+
+
+def test_a_skipped_steps_output_is_unset_not_an_error(tmp_path):
+    run = PipelineRun.create(FINETUNE, str(tmp_path), "f2", {"stages": "3", "base_checkpoint": ""})
+    _done(run, "normalize_stage3", {"stats": "n3"})
+    assert "--init" not in run.command(FINETUNE.step("train_stage3"))  # no stage 2, no base: from the config
