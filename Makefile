@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench mutate planted clean-demo lock
+.PHONY: demo test bench mutate planted airflow clean-demo lock
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,8 @@ demo: $(STAMP) airflow_home/airflow.db
 		     echo "make demo: the DAG run failed (airflow_home/demo.log)"; exit 1; }; \
 		echo "DAG run eupe_retrain/demo: success in $$(( $$(date +%s) - start )) s"
 	@run=$$($(AIRFLOW_ENV) $(BIN)/airflow dags list-runs eupe_retrain -o plain 2>/dev/null | awk '$$5 == "$(DEMO_DATE)" {print $$2; exit}'); \
-		$(AIRFLOW_ENV) $(BIN)/airflow tasks states-for-dag-run eupe_retrain "$$run" -o plain 2>/dev/null | cut -c1-120
+		$(AIRFLOW_ENV) $(BIN)/airflow tasks states-for-dag-run eupe_retrain "$$run" -o plain 2>/dev/null \
+		| awk '$$1 == "dag_id" {on = 1} on {printf "%-18s %s\n", $$3, $$4}'; echo
 	@$(BIN)/python -m components.task --pipeline eupe_retrain --run-id demo --artifact-root artifacts \
 		--params '$(DEMO_PARAMS)' --summary
 
@@ -62,6 +63,10 @@ mutate: $(STAMP)
 # Each bug of the recipe audit planted in a copy of the code, one at a time: every one must fail a test.
 planted: $(STAMP)
 	$(BIN)/python tools/planted_bugs.py
+
+# The Airflow UI (airflow standalone on 127.0.0.1:$${AIRFLOW_PORT:-8080}, no login) over the same dags/ and airflow_home/.
+airflow: $(STAMP)
+	bash tools/airflow_ui.sh
 
 clean-demo:
 	rm -rf artifacts/demo artifacts/runs/eupe_retrain/demo airflow_home
