@@ -47,7 +47,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 
-# Mutation score of the core modules with mutmut 3 (not part of `make test`: about 25 min on 2 cores).
+# Mutation score of the core modules with mutmut 3 (not part of `make test`: ~35 min on 2 busy cores).
 # Mutated: [tool.mutmut] only_mutate in pyproject.toml, in a copy under mutants/ (the checkout is never
 # touched); scored: [tool.eupe.mutation] (of trainer.py only the step functions, of storage.py only the
 # atomic writes). Fast unit tests only, [tool.mutmut] pytest_add_cli_args_test_selection: the in-process

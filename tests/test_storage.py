@@ -357,6 +357,23 @@ def test_an_interrupt_during_the_write_is_not_wrapped_and_leaves_no_temp_file(
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["meta.json"]
 
 
+def test_an_interrupt_right_after_the_rename_keeps_the_new_file_and_stays_an_interrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "meta.json"
+    target.write_bytes(b"old")
+    real_replace = os.replace
+
+    def replaced_then_interrupted(src, dst) -> None:
+        real_replace(src, dst)  # the temp file is gone: the cleanup must not fail on it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replaced_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_bytes(target, b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["meta.json"]
+
+
 def test_a_write_below_a_file_is_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "plain").write_bytes(b"")
     target = tmp_path / "plain" / "blob.bin"

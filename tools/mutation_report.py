@@ -136,7 +136,8 @@ def module_report(module: str, selected: list[str], equivalent: dict[str, str]) 
     if incomplete:
         raise SystemExit(f"{module}: {len(incomplete)} mutants not run to the end (e.g. {incomplete[0]}): run `make mutate` again")
     mutated = {function_of(k) for k in codes}
-    not_mutated = {f: "decorated" if defs[f].decorator_list else "nothing to mutate"
+    not_mutated = {f: "decorated: " + ", ".join(f"@{ast.unparse(d)}" for d in defs[f].decorator_list)
+                   if defs[f].decorator_list else "nothing to mutate"
                    for f in (selected or defs) if f in defs and f not in mutated
                    and (selected or defs[f].decorator_list)}
     missing = [f for f in selected if f not in defs]
@@ -164,7 +165,7 @@ def markdown(report: dict) -> str:
     if skipped:
         out += ["", "## Not mutated", "",
                 "mutmut 3 mutates only the bodies of undecorated functions and methods (and `@staticmethod`/"
-                "`@classmethod`); these in-scope functions got no mutant, their tests guard them by hand:", ""]
+                "`@classmethod`); these in-scope functions got no mutant (their behaviour is pinned by tests all the same):", ""]
         out += [f"- `{m}` `{f}`: {why}" for m, f, why in skipped]
     survivors = [(m, s) for m, r in report["modules"].items() for s in r["survivors"]]
     live = [(m, s) for m, s in survivors if not s["equivalent"]]

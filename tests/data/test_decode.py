@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from image_builders import encode, png_bomb_header
@@ -34,7 +36,7 @@ def _reason(data: bytes, **kwargs) -> str:
 
 
 def test_sixteen_bit_divides_by_257_so_full_scale_stays_full_scale() -> None:
-    values = np.array([[0, 128, 25700, 65000, 65535]], dtype=np.uint16)  # /256 would give 0 1 100 254 256
+    values = np.array([[0, 128, 25700, 65000, 65535]], dtype=np.uint16)  # /256 would give 100.4 and 253.9 -> 254
     d = decode_full(encode(Image.fromarray(values), "PNG"), "g16.png")
     assert (d.mode, d.format) == ("I;16", "PNG")
     assert _gray(encode(Image.fromarray(values), "PNG")) == [0, 0, 100, 253, 255]
@@ -53,20 +55,21 @@ def test_thirty_two_bit_values_above_255_are_scaled_as_16_bit_not_clipped() -> N
     assert _gray(encode(Image.fromarray(values), "TIFF")) == [0, 1, 1, 2, 255, 255, 0]
 
 
-def test_thirty_two_bit_values_up_to_255_are_kept_as_they_are() -> None:
-    values = np.array([[0, 1, 128, 255]], dtype=np.int32)
-    assert _gray(encode(Image.fromarray(values), "TIFF")) == [0, 1, 128, 255]
+def test_thirty_two_bit_values_up_to_255_are_kept_as_they_are_and_from_256_on_scaled() -> None:
+    assert _gray(encode(Image.fromarray(np.array([[0, 1, 128, 255]], dtype=np.int32)), "TIFF")) == [0, 1, 128, 255]
+    assert _gray(encode(Image.fromarray(np.array([[0, 128, 256]], dtype=np.int32)), "TIFF")) == [0, 0, 1]
 
 
 def test_float_images_in_0_1_are_scaled_to_255_and_nan_is_black() -> None:
-    values = np.array([[0.0, 0.2, 0.5, 1.0, np.nan]], dtype=np.float32)
+    values = np.array([[0.0, 0.2, 0.5, 0.6, 1.0, np.nan]], dtype=np.float32)
     assert decode_full(encode(Image.fromarray(values), "TIFF"), "f.tif").mode == "F"
-    assert _gray(encode(Image.fromarray(values), "TIFF")) == [0, 51, 128, 255, 0]
+    assert _gray(encode(Image.fromarray(values), "TIFF")) == [0, 51, 128, 153, 255, 0]  # x 256 would give 154 for 0.6
 
 
 def test_float_images_above_1_are_read_as_8_bit_values_rounded_and_clipped_at_0() -> None:
     values = np.array([[-3.0, 1.5, 2.0, 2.4, 200.6]], dtype=np.float32)
     assert _gray(encode(Image.fromarray(values), "TIFF")) == [0, 2, 2, 2, 201]
+    assert _gray(encode(Image.fromarray(np.array([[0.0, 1.5, 2.0]], dtype=np.float32)), "TIFF")) == [0, 2, 2]
 
 
 def test_float_images_above_255_are_scaled_as_16_bit() -> None:
@@ -124,13 +127,37 @@ def test_refusals_have_short_exact_reasons() -> None:
     assert _reason(encode(Image.new("RGB", (64, 64)), "JPEG")[:300]) == "truncated"
 
 
+def _tga_header(width: int, height: int) -> bytes:
+    """An uncompressed 24-bit TGA header (a format PIL finds by trying its opener: no magic bytes)."""
+    return struct.pack("<BBBHHBHHHHBB", 0, 0, 2, 0, 0, 0, 0, 0, width, height, 24, 0) + bytes(64)
+
+
+def test_a_bomb_is_named_by_width_and_height_whatever_its_format() -> None:
+    assert _reason(png_bomb_header(70000, 50000)) == "decompression bomb: 70000x50000"
+    assert _reason(_tga_header(60000, 50000)) == "decompression bomb: 60000x50000"
+
+
 def test_a_bomb_whose_header_cannot_be_reread_is_named_by_its_pixel_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dec, "_header_size", lambda data: None)
     assert _reason(png_bomb_header(60000, 60000)) == "decompression bomb: 3600000000 pixels"
 
+    def bomb_without_count(fp):
+        raise Image.DecompressionBombError("too large")
+
+    monkeypatch.setattr(dec.Image, "open", bomb_without_count)
+    assert _reason(png_bomb_header(60000, 60000)) == "decompression bomb: ? pixels"
+
+
+@pytest.mark.parametrize("size", [(0, 7), (7, 0)])
+def test_an_image_without_pixels_is_refused_as_empty(monkeypatch: pytest.MonkeyPatch, size: tuple[int, int]) -> None:
+    # PIL itself refuses most zero-sized files; the decoder does not rely on it
+    monkeypatch.setattr(dec.Image, "open", lambda fp: Image.new("RGB", size))
+    assert _reason(b"any bytes") == f"empty image: {size[0]}x{size[1]}"
+
 
 def test_header_size_reads_the_claimed_size_without_decoding() -> None:
     assert dec._header_size(png_bomb_header(70000, 50000)) == (70000, 50000)
+    assert dec._header_size(_tga_header(60000, 50000)) == (60000, 50000)  # after openers that fail on it
     assert dec._header_size(b"no image format starts like this") is None
 
 

@@ -143,3 +143,12 @@ def test_a_baseline_that_is_not_a_json_object_is_refused(tmp_path: Path) -> None
     listed.write_text(json.dumps([BASE]))
     with pytest.raises(EupeError, match=f"--baseline {listed}: not an eval.json"):
         gate.read_baseline(str(listed))
+
+
+def test_a_production_pointer_baseline_is_the_eval_json_it_points_to(tmp_path: Path) -> None:
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "eval.json").write_text(json.dumps({"knn_top1": 0.625, "fidelity": {"proxy": 0.5}}))
+    pointer = tmp_path / "production.json"
+    pointer.write_text(json.dumps({"name": "vit_t", "version": 3, "uri": str(tmp_path / "v3"),
+                                   "eval": str(tmp_path / "v3" / "eval.json")}))
+    assert gate.read_baseline(str(pointer)) == {"knn_top1": 0.625, "fidelity.proxy": 0.5}
