@@ -30,10 +30,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _listing_digest(rows: list[tuple]) -> str:
-    return hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
-
-
 MAX_LISTED = 200_000  # a larger folder (a web-scale dataset) is identified by its URI: version it with DVC
 
 
@@ -58,7 +54,7 @@ def digest(uri: str) -> str:
                 rows.append((p.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
                 if len(rows) > MAX_LISTED:
                     return f"unlisted:>{MAX_LISTED} files"
-        return "listing:" + _listing_digest(rows)
+        return storage.listing_digest(rows)
     raise EupeError(f"input not found: {uri}")
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "exists",
     "is_s3",
     "list_uris",
+    "listing_digest",
     "local_copy",
     "open_read",
     "publish_files",
@@ -466,11 +467,16 @@ def download_dir(uri: PathLike, local_dir: PathLike) -> Path:
 # --------------------------------------------------------------------------- step outputs
 
 
+def listing_digest(rows: list[tuple]) -> str:
+    """``listing:<sha256>`` of a folder's or prefix's (name, size, version) rows, in any order."""
+    import hashlib
+
+    return "listing:" + hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
+
+
 def s3_digest(uri: str, max_keys: int) -> str:
     """ETag of an S3 object, or a digest of the keys, sizes and ETags under an S3 prefix (of at most
     ``max_keys`` objects: a larger prefix is identified by its URI)."""
-    import hashlib
-
     bucket, key = split_s3(uri)
     client = _client()
     try:
@@ -490,7 +496,7 @@ def s3_digest(uri: str, max_keys: int) -> str:
         raise _s3_error("read", uri, e) from e
     if not rows:
         raise EupeError(f"input not found: {uri}")
-    return "listing:" + hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()
+    return listing_digest(rows)
 
 
 def delete(uri: PathLike) -> None:
