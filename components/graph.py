@@ -13,7 +13,7 @@ built from :data:`PIPELINES`; none of them keeps its own copy of the order of th
   fanned-out step (``--latency DIR`` for every latency run);
 * ``{production:PARAM}``: the registry's production pointer of the model named by a parameter, or
   nothing before its first promotion (the quality gate then has no baseline);
-* ``{run_id}``, ``{artifact_root}``: of this run.
+* ``{run_id}``, ``{artifact_root}``, ``{run_root}`` (``<artifact root>/runs/<pipeline>/<run id>``): of this run.
 
 Adding a step is one entry here. The module imports nothing heavy: DAG files parse it often.
 """
@@ -135,9 +135,14 @@ LATENCY = Step("latency", (
     {"latency": "latency.json"}, Resources(cpu="2", memory="4Gi"), expand="latency_runs", after=("export",))
 
 
+VERSION_CHECKPOINTS = Step("version_checkpoints", (
+    "data", "version", "--path", "{item:checkpoint}", "--repo", "{run_root}", "--dvc-file", "{out}/checkpoint.dvc",
+    "--out", "{out}"), {"dvc_file": "checkpoint.dvc"}, Resources(cpu="1", memory="2Gi"), expand="trained_checkpoints", after=("latency",))
+
+
 def promote(*versions: str) -> Step:
-    lineage = [a for step in versions for a in ("--data-version" if step == "version_data" else "--checkpoint-version",
-                                                 f"{{dir:{step}}}")]
+    lineage = [a for step in versions for a in (
+        ("--data-version", f"{{dir:{step}}}") if step == "version_data" else ("--checkpoint-version", f"{{all:{step}}}"))]
     return Step("promote", (
         "promote", *CONFIG, "--name", "{param:model_name}", "--registry", "{artifact_root}",
         "--encoder", "{train_stage3:encoder}", "--eval", "{dir:evaluate}", "--export", "{all:export}",
@@ -149,9 +154,11 @@ def promote(*versions: str) -> Step:
 RETRAIN = Pipeline(
     "eupe_retrain",
     "Scheduled retraining: validate and version the data, distil stages 1-3 (or reuse a published proxy), "
-    "evaluate against the production model, export, time every .pte on every device class, promote.",
+    "evaluate against the production model, export, time every .pte on every device class, version the "
+    "checkpoints, promote.",
     (VALIDATE, VERSION_DATA, normalize(1, skip_if="proxy"), train(1, skip_if="proxy"), normalize(2), train(2),
-     normalize(3), train(3, init="{train_stage2:checkpoint_model}"), evaluate(), EXPORT, LATENCY, promote("version_data")),
+     normalize(3), train(3, init="{train_stage2:checkpoint_model}"), evaluate(), EXPORT, LATENCY, VERSION_CHECKPOINTS,
+     promote("version_data", "version_checkpoints")),
     params={"config": "configs/demo.yaml", "dataset_uri": "data", "proxy": "", "baseline": "",
             "model_name": "eupe_student", "budget_model": "demo_student", "device_classes": "", "latency_budget_ms": ""},
 )
@@ -163,7 +170,7 @@ FINETUNE = Pipeline(
     (VALIDATE, normalize(2, "stages=3", PUBLISHED_PROXY),
      train(2, "{param:base_checkpoint}", "stages=3", PUBLISHED_PROXY), normalize(3, proxy=PUBLISHED_PROXY),
      train(3, "{train_stage2:checkpoint_model|param:base_checkpoint}", proxy=PUBLISHED_PROXY),
-     evaluate(PUBLISHED_PROXY), EXPORT, LATENCY, promote()),
+     evaluate(PUBLISHED_PROXY), EXPORT, LATENCY, VERSION_CHECKPOINTS, promote("version_checkpoints")),
     params={"config": "configs/demo.yaml", "dataset_uri": "data", "base_checkpoint": "", "proxy": "", "baseline": "",
             "student": "", "stages": "3", "steps": "", "lr": "", "model_name": "eupe_domain",
             "budget_model": "demo_student", "device_classes": "", "latency_budget_ms": ""},

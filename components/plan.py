@@ -1,7 +1,7 @@
 """Fan-out planners: the elements a step is mapped over, computed when the run reaches it.
 
 ``export`` runs once per (resolution, dtype) of the recipe's ``export`` section; ``latency`` once per
-exported ``.pte`` and device class. Airflow maps its tasks over these lists (dynamic task mapping),
+exported ``.pte`` and device class; ``version_checkpoints`` once per trained stage. Airflow maps its tasks over these lists (dynamic task mapping),
 the local runner loops over them.
 """
 
@@ -44,9 +44,19 @@ def _pte(run: PipelineRun, variant: dict) -> str:
     return run.result("export", variant)["artifacts"][variant["name"]]
 
 
+def trained_checkpoints(run: PipelineRun) -> list[dict]:
+    """The last checkpoint of every training stage this run trained (a reused proxy's stage 1 did not)."""
+    rows = []
+    for step in run.pipeline.steps:
+        if step.name.startswith("train_") and not run.skipped(step):
+            rows.append({"name": step.name, "checkpoint": run.output(step.name, "checkpoint")})
+    return rows
+
+
 PLANNERS: dict[str, Callable[[PipelineRun], list[dict]]] = {
     "export_variants": export_variants,
     "latency_runs": latency_runs,
+    "trained_checkpoints": trained_checkpoints,
 }
 
 

@@ -128,7 +128,8 @@ class PipelineRun:
         """``eupe`` arguments of ``step`` in this run. An option whose value resolves to nothing is left
         out with its flag (an empty ``baseline``: no gate on the first run)."""
         args: list[str] = []
-        run_values = {"out": self.out(step, item), "run_id": self.run_id, "artifact_root": self.artifact_root}
+        run_values = {"out": self.out(step, item), "run_id": self.run_id, "artifact_root": self.artifact_root,
+                      "run_root": self.root}
         for arg in step.argv:
             if arg.startswith("{all:") and args and args[-1].startswith("--"):  # a flag per element of a fan-out
                 from components.plan import items

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from eupe.commands import config_args, input_overrides, load
 from eupe.data import commands as data_commands
+from eupe import invocation
 from eupe.errors import EupeError
 from eupe.evaluate import commands as evaluate_commands
 from eupe.export import commands as export_commands
@@ -102,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "matplotlib", "dvc", "botocore", "urllib3"):  # their INFO is internal chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    out, config = getattr(args, "out", None), getattr(args, "config", None)
+    invocation.record(argv, config)
+    if getattr(args, "quick_check", True) and isinstance(out, (str, Path)) and invocation.up_to_date(str(out), argv, config):
+        name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"eupe {name}: up to date ({out}): nothing to do", flush=True)
+        return 0  # before the step imports torch: a rerun of an unchanged pipeline takes seconds
     try:
         args.func(args)
     except EupeError as e:

@@ -8,7 +8,7 @@ from typing import Any
 
 from safetensors.torch import save
 
-from eupe import storage
+from eupe import invocation, storage
 from eupe.distill.checkpoint import MODEL_FILE, tensors_for_disk
 
 RESULT_FILE = "result.json"
@@ -21,6 +21,8 @@ def write_result(out: Path | str, step: str, metrics: dict[str, Any], artifacts:
               "metrics": metrics, "artifacts": {k: str(v) for k, v in artifacts.items() if v is not None}}
     if fingerprint is not None:
         result["fingerprint"] = fingerprint
+    if invocation.CURRENT is not None:  # the command line: what `eupe.invocation.up_to_date` compares
+        result["invocation"] = invocation.CURRENT
     storage.write_json(f"{str(out).rstrip('/')}/{RESULT_FILE}", result)
     return result
 

@@ -24,7 +24,12 @@ from eupe.data.synth import (
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The dataset's files (result.json, the step's completion marker, holds a timestamp: checked apart)."""
+    result = json.loads((root / "result.json").read_text())
+    assert result["step"] == "data-synth" and result["status"] == "ok"
+    assert result["metrics"]["images"] == len(json.loads((root / "synth.json").read_text())["files"])
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "result.json"}
 
 
 # --------------------------------------------------------------------------- determinism
@@ -74,7 +79,7 @@ def test_class_balance_and_folder_layout(tmp_path: Path) -> None:
     out = tmp_path / "ds"
     manifest = synthesize(out, 10, size=32, num_classes=4)
     names = list(CLASSES[:4])
-    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["synth.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["synth.json", "result.json"])
     # index i has label i % 4: 10 images -> 3, 3, 2, 2.
     assert manifest["counts"] == {names[0]: 3, names[1]: 3, names[2]: 2, names[3]: 2}
     assert manifest["classes"] == names
@@ -86,7 +91,7 @@ def test_class_balance_and_folder_layout(tmp_path: Path) -> None:
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg"))
     assert on_disk == sorted(manifest["files"])
     assert json.loads((out / "synth.json").read_text()) == manifest
-    assert not list(tmp_path.glob("ds.tmp-*")) and not list(tmp_path.glob("ds.old-*"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
 def test_full_class_set_is_balanced(tmp_path: Path) -> None:
@@ -234,7 +239,7 @@ def test_different_parameters_replace_previous_run(tmp_path: Path) -> None:
     new = _files(out)
     assert set(new) == set(manifest["files"]) | {"synth.json"}
     assert all(k.endswith(".png") for k in manifest["files"])
-    assert sorted(p.name for p in out.iterdir()) == sorted(["circle", "square", "synth.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["circle", "square", "synth.json", "result.json"])
     assert new["synth.json"] != old["synth.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no tmp/old dirs left behind
 

@@ -33,6 +33,7 @@ def register(data: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", default="jpg", choices=["jpg", "png"])
+    p.set_defaults(quick_check=False)  # its own check reads every file of the dataset (cheap, no torch)
     p.add_argument("--dense", action="store_true",
                    help="also write <index>.mask.png (segmentation) and <index>.depth.png (16-bit mm) next to each image")
     p.set_defaults(func=cmd_synth)

@@ -435,11 +435,8 @@ def depth_to_png(depth: np.ndarray) -> Image.Image:
 
 def _complete_run(out_dir: Path, params: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of ``out_dir`` if it is a complete run with ``params``, else None."""
-    try:
-        manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("params") != params:
+    manifest = _read_manifest(out_dir)
+    if manifest is None or manifest.get("params") != params:
         return None
     files = manifest.get("files")
     if not isinstance(files, list) or len(files) != params["num_images"]:
@@ -466,97 +463,94 @@ def synthesize(
     Files are ``out_dir/<class_name>/<index:06d>.<fmt>``; image ``index`` has label
     ``index % num_classes``. ``size`` is a fixed side or an inclusive ``(min, max)``
     range from which height and width are drawn independently per image. Output
-    is byte-identical for the same arguments. The run is built in the sibling
-    ``<out_dir>.tmp-<pid>`` and moved into place, so ``out_dir`` never holds a
-    partial dataset; a complete earlier run with identical parameters (per
-    ``out_dir/synth.json``) is kept as is. A different earlier run is replaced;
+    is byte-identical for the same arguments. It finishes like every step
+    (:class:`eupe.step.StepRun`): built in a staging folder, published by name,
+    ``result.json`` last; a complete earlier run with identical parameters (per
+    ``out_dir/synth.json`` and its ``result.json``) is kept as is. A different
+    earlier run is replaced, class folders it wrote and this run does not included;
     an existing ``out_dir`` not written by this function is refused
     (``FileExistsError``) rather than deleted. ``dense=True`` also writes each
     image's segmentation mask and depth map next to it (``<index>.mask.png``,
     ``<index>.depth.png``), listed under ``labels`` in the manifest.
     """
+    from eupe.errors import EupeError
+    from eupe.fingerprint import fingerprint
+    from eupe.step import StepRun
+
     params = _params(num_images, size, seed, fmt, num_classes, dense)
     out_dir = Path(out_dir)
 
+    previous = None
     if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"synthesize: out_dir {out_dir} exists and is not a directory")
+        previous = _read_manifest(out_dir)
+        if previous is None and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
+            raise FileExistsError(
+                f"synthesize: out_dir {out_dir} is non-empty and has no {MANIFEST_NAME}; "
+                "refusing to replace a directory it did not write"
+            )
+    try:
+        run = StepRun(out_dir, "data-synth", fingerprint("data-synth", {}, **params))
+    except EupeError as e:
+        raise FileExistsError(f"synthesize: {e}") from None
+    if run.done:
         existing = _complete_run(out_dir, params)
         if existing is not None:
             logger.info("synth: %s already holds %d images with these parameters; skipping",
                         out_dir, params["num_images"])
             return existing
-        if not out_dir.is_dir():
-            raise FileExistsError(f"synthesize: out_dir {out_dir} exists and is not a directory")
-        if not (out_dir / MANIFEST_NAME).exists() and any(out_dir.iterdir()):
-            raise FileExistsError(
-                f"synthesize: out_dir {out_dir} is non-empty and has no {MANIFEST_NAME}; "
-                "refusing to replace a directory it did not write"
-            )
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
-    old_dir = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
+        run.restart()  # files were removed since: write the run again
     class_names = list(CLASSES[: params["num_classes"]])
-    n = params["num_images"]
-    ext = params["fmt"]
+    with run.staging() as tmp_dir:
+        manifest = _write(tmp_dir, params, size, class_names, out_dir)
+    for name in (previous or {}).get("classes", []):  # an earlier run's class folders this run has not
+        if name not in class_names and (out_dir / name).is_dir():
+            shutil.rmtree(out_dir / name)
+    run.finish({"images": len(manifest["files"]), "classes": len(class_names)},
+               {"data": out_dir, "manifest": run.path(MANIFEST_NAME)})
+    logger.info("synth: wrote %d images to %s", params["num_images"], out_dir)
+    return json.loads(json.dumps(manifest))  # exactly what synth.json holds (JSON-normalised), as the skip path
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _write(tmp_dir: Path, params: dict[str, Any], size: Any, class_names: list[str], out_dir: Path) -> dict[str, Any]:
+    """Render every image (and, dense, its labels) into ``tmp_dir``; return the manifest written there."""
+    n, ext, dense = params["num_images"], params["fmt"], bool(params.get("dense"))
     pil_format = FORMATS[ext]
     # The per-pixel noise makes PNGs nearly incompressible: favour speed.
-    save_kwargs: dict[str, Any] = (
-        {"quality": JPEG_QUALITY} if pil_format == "JPEG" else {"compress_level": 1}
-    )
-
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    try:
-        for name in class_names:
-            (tmp_dir / name).mkdir(parents=True)
-        files: list[str] = []
-        labels: list[str] = []
-        counts = dict.fromkeys(class_names, 0)
-        step = max(1, n // 10)
-        logger.info("synth: writing %d images (%s, size %s, seed %d) to %s",
-                    n, ext, params["size"], params["seed"], out_dir)
-        for i in range(n):
-            scene, height, width = image_spec(params["seed"], i, size, params["num_classes"])
-            image, mask, depth = render(scene, height, width)
-            stem = f"{class_names[scene.label]}/{i:06d}"
-            rel = f"{stem}.{ext}"
-            Image.fromarray(image).save(tmp_dir / rel, format=pil_format, **save_kwargs)
-            files.append(rel)
-            if dense:
-                Image.fromarray(mask).save(tmp_dir / (stem + MASK_SUFFIX), format="PNG", compress_level=1)
-                depth_to_png(depth).save(tmp_dir / (stem + DEPTH_SUFFIX), format="PNG", compress_level=1)
-                labels += [stem + MASK_SUFFIX, stem + DEPTH_SUFFIX]
-            counts[class_names[scene.label]] += 1
-            if (i + 1) % step == 0 or i + 1 == n:
-                logger.info("synth: %d/%d images (%d%%)", i + 1, n, (i + 1) * 100 // n)
-
-        manifest: dict[str, Any] = {
-            "generator": __name__,
-            "params": params,
-            "classes": class_names,
-            "counts": counts,
-            "files": files,
-        }
+    save_kwargs: dict[str, Any] = {"quality": JPEG_QUALITY} if pil_format == "JPEG" else {"compress_level": 1}
+    for name in class_names:
+        (tmp_dir / name).mkdir(parents=True)
+    files: list[str] = []
+    labels: list[str] = []
+    counts = dict.fromkeys(class_names, 0)
+    step = max(1, n // 10)
+    logger.info("synth: writing %d images (%s, size %s, seed %d) to %s", n, ext, params["size"], params["seed"], out_dir)
+    for i in range(n):
+        scene, height, width = image_spec(params["seed"], i, size, params["num_classes"])
+        image, mask, depth = render(scene, height, width)
+        stem = f"{class_names[scene.label]}/{i:06d}"
+        rel = f"{stem}.{ext}"
+        Image.fromarray(image).save(tmp_dir / rel, format=pil_format, **save_kwargs)
+        files.append(rel)
         if dense:
-            manifest["labels"] = labels
-        (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-
-        # Another process may have finished the same run meanwhile.
-        if out_dir.exists() and _complete_run(out_dir, params) is not None:
-            shutil.rmtree(tmp_dir)
-            return json.loads((out_dir / MANIFEST_NAME).read_text())
-        # os.replace cannot overwrite a non-empty directory: move the old run aside
-        # first, then swap the new one in and delete the old.
-        if out_dir.exists():
-            if old_dir.exists():
-                shutil.rmtree(old_dir)
-            os.replace(out_dir, old_dir)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    if old_dir.exists():
-        shutil.rmtree(old_dir, ignore_errors=True)
-    logger.info("synth: wrote %d images to %s", n, out_dir)
-    # Return exactly what synth.json holds (JSON-normalised), as the skip path does.
-    return json.loads(json.dumps(manifest))
+            Image.fromarray(mask).save(tmp_dir / (stem + MASK_SUFFIX), format="PNG", compress_level=1)
+            depth_to_png(depth).save(tmp_dir / (stem + DEPTH_SUFFIX), format="PNG", compress_level=1)
+            labels += [stem + MASK_SUFFIX, stem + DEPTH_SUFFIX]
+        counts[class_names[scene.label]] += 1
+        if (i + 1) % step == 0 or i + 1 == n:
+            logger.info("synth: %d/%d images (%d%%)", i + 1, n, (i + 1) * 100 // n)
+    manifest: dict[str, Any] = {"generator": __name__, "params": params, "classes": class_names,
+                                "counts": counts, "files": files}
+    if dense:
+        manifest["labels"] = labels
+    (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest

@@ -10,6 +10,7 @@ The repository's ``.dvc/config`` names the remotes: ``local`` (default, a folder
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ from typing import Any
 import yaml
 
 from eupe.errors import EupeError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["find_repo", "pull", "register", "run_dvc", "version"]
 
@@ -69,11 +72,52 @@ def _out_entry(f: Path) -> dict[str, Any]:
         raise EupeError(f"{f}: not a DVC file with an output ({type(e).__name__})") from None
 
 
-def version(path: str | Path, remote: str | None = None, dvc_file: str | None = None) -> dict[str, Any]:
-    """Track ``path`` with DVC and push it; returns ``hash`` (md5), ``size``, ``nfiles`` and ``dvc_file``."""
+def standalone_repo(folder: str | Path, project: Path | None = None) -> Path:
+    """A DVC repository without git at ``folder`` (created when missing) that shares the remotes and the
+    cache of the ``project`` DVC repository (default: the one holding the working directory). It is how
+    outputs in git-ignored folders, a run's checkpoints under ``artifacts/``, get a ``.dvc`` file: git would
+    refuse one there, and a scheduled run commits nothing to git anyway."""
+    root = Path(folder).absolute()
+    if (root / ".dvc").is_dir():
+        return root
+    project = find_repo(project or Path.cwd())
+    remotes = [line.split(None, 1) for line in run_dvc(["remote", "list"], project).splitlines() if line.strip()]
+    root.mkdir(parents=True, exist_ok=True)
+    run_dvc(["init", "--no-scm", "--quiet"], root)
+    run_dvc(["config", "cache.dir", str((project / ".dvc" / "cache").absolute())], root)
+    default = run_dvc(["remote", "default"], project).strip()
+    for name, url in remotes:
+        url = url.strip()
+        if "://" not in url and not os.path.isabs(url):  # relative to the project's .dvc/ folder
+            url = str((project / ".dvc" / url).resolve())
+        run_dvc(["remote", "add", *(["--default"] if name == default else []), name, url], root)
+    log.info("data version: %s is a DVC repository (no git) with the remotes of %s", root, project)
+    return root
+
+
+def _s3_version(uri: str) -> dict[str, Any]:
+    """An ``s3://`` output is identified by the digest of its listing (keys, sizes, ETags), not by DVC:
+    DVC tracks local files (its external outputs are gone in DVC 3)."""
+    from eupe.fingerprint import digest
+
+    return {"hash": digest(uri), "size": None, "nfiles": None, "dvc_file": None, "path": uri, "remote": "s3-etags"}
+
+
+def version(path: str | Path, remote: str | None = None, dvc_file: str | None = None,
+            repo: str | Path | None = None) -> dict[str, Any]:
+    """Track ``path`` with DVC and push it; returns ``hash`` (md5), ``size``, ``nfiles`` and ``dvc_file``.
+    ``repo``: track it in that folder's own DVC repository (:func:`standalone_repo`)."""
+    from eupe import storage
+
+    if storage.is_s3(str(path)):
+        return _s3_version(str(path))
     target = Path(path)
     if not target.exists():
         raise EupeError(f"--path: not found: {path}")
+    if repo is not None:
+        root = standalone_repo(repo)
+        if root not in target.absolute().parents:
+            raise EupeError(f"--path {path} is outside --repo {repo}")
     repo = find_repo(target)
     f = _dvc_file(target, repo, dvc_file)
     if dvc_file:  # an output outside the .dvc file's folder, e.g. a checkpoint under a git-ignored artifacts/
@@ -90,7 +134,8 @@ def version(path: str | Path, remote: str | None = None, dvc_file: str | None = 
             "path": str(target), "remote": remote or "default"}
 
 
-def pull(path: str | Path, remote: str | None = None, dvc_file: str | None = None) -> dict[str, Any]:
+def pull(path: str | Path, remote: str | None = None, dvc_file: str | None = None,
+         repo: str | Path | None = None) -> dict[str, Any]:
     """Restore ``path`` from the remote (``dvc pull`` of its ``.dvc`` file); returns its hash."""
     target = Path(path)
     repo = find_repo(target.parent if not target.exists() else target)
@@ -115,11 +160,12 @@ def _run(step: str, args: argparse.Namespace, action) -> None:
     run = None
     if args.out:
         inputs = {"path": args.path} if step == "data-version" else {"dvc_file": args.dvc_file or f"{args.path}.dvc"}
-        run = StepRun(args.out, step, fingerprint(step, inputs, remote=args.remote, dvc_file=args.dvc_file))
+        run = StepRun(args.out, step, fingerprint(step, inputs, remote=args.remote, dvc_file=args.dvc_file,
+                                                  repo=args.repo))
         if run.done:
             print(run.done["metrics"]["hash"])
             return
-    info = action(args.path, args.remote, args.dvc_file)
+    info = action(args.path, args.remote, args.dvc_file, args.repo)
     if run is not None:
         run.finish({k: info[k] for k in ("hash", "size", "nfiles", "remote")},
                    {"path": info["path"], "dvc_file": info["dvc_file"]})
@@ -144,5 +190,7 @@ def register(data: argparse._SubParsersAction) -> None:
         p.add_argument("--path", required=True, help="directory (or file) inside a DVC repository, e.g. data")
         p.add_argument("--remote", help="DVC remote name (default: the repository's default remote)")
         p.add_argument("--dvc-file", help="where the .dvc file goes (default: <path>.dvc; needed when that is git-ignored)")
+        p.add_argument("--repo", help="a folder that is (or becomes) a DVC repository without git, sharing the "
+                       "remotes and cache of the working directory's: for paths in git-ignored folders")
         p.add_argument("--out", required=name == "version", help="folder for result.json")
         p.set_defaults(func=func)
