@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     except EupeError as e:
         print(f"eupe: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
+    finally:
+        invocation.CURRENT = None  # a later step called in this process records its own
     return 0
 
 
