@@ -136,7 +136,8 @@ LATENCY = Step("latency", (
 
 
 VERSION_CHECKPOINTS = Step("version_checkpoints", (
-    "data", "version", "--path", "{item:checkpoint}", "--repo", "{run_root}", "--dvc-file", "{out}/checkpoint.dvc",
+    "data", "version", "--path", "{item:checkpoint}", "--repo", "{run_root}", "--like", "{param:dataset_uri}",
+    "--dvc-file", "{out}/checkpoint.dvc",
     "--out", "{out}"), {"dvc_file": "checkpoint.dvc"}, Resources(cpu="1", memory="2Gi"), expand="trained_checkpoints", after=("latency",))
 
 

@@ -29,7 +29,7 @@ def cmd_normalize(args: argparse.Namespace) -> None:
     from eupe.distill.normalize import run_normalize
 
     cfg = load(args, input_overrides(args))
-    result = run_normalize(cfg, args.stage, Path(args.out), manifest=args.manifest)
+    result = run_normalize(cfg, args.stage, args.out, manifest=args.manifest)
     print(result["artifacts"]["stats"])
 
 
@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from eupe.distill.trainer import train
 
     cfg = load(args, input_overrides(args))
-    result = train(cfg, args.stage, Path(args.out), norm=args.norm, init=args.init, resume=args.resume)
+    result = train(cfg, args.stage, args.out, norm=args.norm, init=args.init, resume=args.resume)
     if result:
         m = result["metrics"]
         print(f"stage{args.stage}: loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}, {m['images_per_s']:.1f} img/s, "

@@ -34,7 +34,7 @@ def window_mean(values: list[float], fraction: float = 0.2, cap: int = 100) -> t
     return sum(values[:w]) / w, sum(values[-w:]) / w
 
 
-def write_training_result(run, stage: int, history: dict, metrics: dict, checkpoint_dir: Path | None,
+def write_training_result(run, stage: int, history: dict, metrics: dict, checkpoint_dir: Path | str | None,
                           encoder_state: dict) -> dict:
     """The deliverables of a training stage, published through its :class:`eupe.step.StepRun`: the encoder
     (adapters dropped), the loss history and its curve; then ``result.json``."""
@@ -49,7 +49,8 @@ def write_training_result(run, stage: int, history: dict, metrics: dict, checkpo
     metrics = {"first_loss": first, "last_loss": last, "first_step_loss": history["loss"][0],
                "last_step_loss": history["loss"][-1], "loss_per_target": per_target, **metrics}
     return run.finish(metrics, {
-        "checkpoint": checkpoint_dir, "checkpoint_model": checkpoint_dir / MODEL_FILE if checkpoint_dir else None,
+        "checkpoint": checkpoint_dir,
+        "checkpoint_model": f"{str(checkpoint_dir).rstrip('/')}/{MODEL_FILE}" if checkpoint_dir else None,
         "encoder": run.path(ENCODER_FILE), "losses": run.path("losses.json"), "loss_curve": run.path("loss_curve.png")})
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from components.graph import FINETUNE, PIPELINES, RETRAIN, Pipeline, Step
+from components.plan import items
 from components.run import PipelineRun, UnresolvedReference
 
 
@@ -21,7 +22,8 @@ def test_edges_come_from_the_references_and_gates():
     assert needs["train_stage3"] == {"train_stage1", "train_stage2", "normalize_stage3"}
     assert needs["export"] == {"train_stage3", "evaluate"}  # nothing is exported before the quality gate
     assert needs["latency"] == {"export"}
-    assert needs["promote"] == {"train_stage3", "evaluate", "export", "latency", "version_data"}
+    assert needs["version_checkpoints"] == {"latency"}  # versioned only once both gates passed
+    assert needs["promote"] == {"train_stage3", "evaluate", "export", "latency", "version_data", "version_checkpoints"}
     assert "train_stage1" not in {n for s in FINETUNE.steps for n in s.needs}
     assert sorted(PIPELINES) == ["eupe_domain_finetune", "eupe_retrain"]
 
@@ -76,7 +78,8 @@ def test_promote_gets_one_flag_per_fanned_out_element(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("export: {resolutions: [32, 48], int8: true}\nlatency: {device_class: ci-cpu}\n")
     run = PipelineRun.create(RETRAIN, str(tmp_path), "r1", {"config": str(config), "model_name": "m"})
-    _done(run, "train_stage3", {"encoder": "e"})
+    for stage in (1, 2, 3):
+        _done(run, f"train_stage{stage}", {"encoder": "e", "checkpoint": f"ck{stage}"})
     for r in (32, 48):
         for d in ("fp32", "int8"):
             name = f"student_{r}px_{d}"
@@ -88,6 +91,10 @@ def test_promote_gets_one_flag_per_fanned_out_element(tmp_path):
                                                "student_48px_int8"]
     assert [Path(x).name for x in latencies] == [f"{Path(e).name}_ci-cpu" for e in exports]
     assert argv[argv.index("--registry") + 1] == str(tmp_path) and argv[argv.index("--run-id") + 1] == "r1"
+    versions = [argv[i + 1] for i, a in enumerate(argv) if a == "--checkpoint-version"]
+    assert [Path(v).name for v in versions] == ["train_stage1", "train_stage2", "train_stage3"]
+    proxy_reused = PipelineRun.create(RETRAIN, str(tmp_path), "r1", {"config": str(config), "proxy": "p.safetensors"})
+    assert [i["name"] for i in items(proxy_reused, "trained_checkpoints")] == ["train_stage2", "train_stage3"]
 
 
 def test_a_skipped_steps_output_is_unset_not_an_error(tmp_path):

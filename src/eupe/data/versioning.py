@@ -80,8 +80,9 @@ def standalone_repo(folder: str | Path, project: Path | None = None) -> Path:
     root = Path(folder).absolute()
     if (root / ".dvc").is_dir():
         return root
-    project = find_repo(project or Path.cwd())
-    remotes = [line.split(None, 1) for line in run_dvc(["remote", "list"], project).splitlines() if line.strip()]
+    project = find_repo(Path.cwd() if project is None or "://" in str(project) else Path(project))
+    # `dvc remote list`: "<name>\t<url>" and, on the default one, "\t(default)"
+    remotes = [line.split()[:2] for line in run_dvc(["remote", "list"], project).splitlines() if line.strip()]
     root.mkdir(parents=True, exist_ok=True)
     run_dvc(["init", "--no-scm", "--quiet"], root)
     run_dvc(["config", "cache.dir", str((project / ".dvc" / "cache").absolute())], root)
@@ -104,7 +105,7 @@ def _s3_version(uri: str) -> dict[str, Any]:
 
 
 def version(path: str | Path, remote: str | None = None, dvc_file: str | None = None,
-            repo: str | Path | None = None) -> dict[str, Any]:
+            repo: str | Path | None = None, like: str | Path | None = None) -> dict[str, Any]:
     """Track ``path`` with DVC and push it; returns ``hash`` (md5), ``size``, ``nfiles`` and ``dvc_file``.
     ``repo``: track it in that folder's own DVC repository (:func:`standalone_repo`)."""
     from eupe import storage
@@ -115,7 +116,7 @@ def version(path: str | Path, remote: str | None = None, dvc_file: str | None = 
     if not target.exists():
         raise EupeError(f"--path: not found: {path}")
     if repo is not None:
-        root = standalone_repo(repo)
+        root = standalone_repo(repo, like)
         if root not in target.absolute().parents:
             raise EupeError(f"--path {path} is outside --repo {repo}")
     repo = find_repo(target)
@@ -135,7 +136,7 @@ def version(path: str | Path, remote: str | None = None, dvc_file: str | None = 
 
 
 def pull(path: str | Path, remote: str | None = None, dvc_file: str | None = None,
-         repo: str | Path | None = None) -> dict[str, Any]:
+         repo: str | Path | None = None, like: str | Path | None = None) -> dict[str, Any]:
     """Restore ``path`` from the remote (``dvc pull`` of its ``.dvc`` file); returns its hash."""
     target = Path(path)
     repo = find_repo(target.parent if not target.exists() else target)
@@ -165,7 +166,7 @@ def _run(step: str, args: argparse.Namespace, action) -> None:
         if run.done:
             print(run.done["metrics"]["hash"])
             return
-    info = action(args.path, args.remote, args.dvc_file, args.repo)
+    info = action(args.path, args.remote, args.dvc_file, args.repo, args.like)
     if run is not None:
         run.finish({k: info[k] for k in ("hash", "size", "nfiles", "remote")},
                    {"path": info["path"], "dvc_file": info["dvc_file"]})
@@ -192,5 +193,7 @@ def register(data: argparse._SubParsersAction) -> None:
         p.add_argument("--dvc-file", help="where the .dvc file goes (default: <path>.dvc; needed when that is git-ignored)")
         p.add_argument("--repo", help="a folder that is (or becomes) a DVC repository without git, sharing the "
                        "remotes and cache of the working directory's: for paths in git-ignored folders")
+        p.add_argument("--like", metavar="PATH", help="with --repo: share the remotes and cache of the DVC "
+                       "repository holding PATH (default: the working directory's)")
         p.add_argument("--out", required=name == "version", help="folder for result.json")
         p.set_defaults(func=func)

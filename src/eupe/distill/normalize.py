@@ -114,7 +114,7 @@ def _manifest_batch(cfg: Config, source, manifest: str) -> tuple[list[int], dict
     return [index[key(u)] for u in uris], strata_counts(df, rows)
 
 
-def run_normalize(cfg: Config, stage: int, out: Path, manifest: str | None = None) -> dict:
+def run_normalize(cfg: Config, stage: int, out: str | Path, manifest: str | None = None) -> dict:
     """``eupe normalize``: statistics of every target of ``stage`` at each of its resolutions.
 
     The batch is ``normalization.num_images`` images: with a ``manifest`` (``eupe data scan``) a sample

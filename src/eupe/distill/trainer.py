@@ -23,12 +23,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from eupe import results, storage
+from eupe import metrics, results, storage
 from eupe.config import Config, LossConfig, StageConfig
 from eupe.data.sources import ImageStream, open_data, stream_loader
 from eupe.data.loader import StepBatchSampler, sample_seed, step_loader
 from eupe.distill import checkpoint
 from eupe.distill.loss import distill_loss
+from eupe.distill.mirror import CheckpointMirror
 from eupe.distill.normalize import FeatureStats, load_stats
 from eupe.distill.runtime import Runtime, setup, teardown, warmup_cosine
 from eupe.distill.targets import (Target, build_targets, check_models, model_inputs, prepare, student_spec,
@@ -176,17 +177,14 @@ def check_dims(targets: list[Target], stats: dict[str, FeatureStats], norm: str,
             raise EupeError(f"--norm {norm}: {t.name} has feature dims {stats[t.name].dims}, the model gives {dims}")
 
 
-def train(cfg: Config, stage: int, out: Path, norm: str, init: str | None = None, resume: bool = False) -> dict:
+def train(cfg: Config, stage: int, out: str | Path, norm: str, init: str | None = None, resume: bool = False) -> dict:
     st = cfg.stage(stage)
-    if storage.is_s3(str(out)):
-        raise EupeError(f"--out {out}: training writes its checkpoints to a local folder (a shared volume under "
-                        "torchrun), not to s3://")
     stats = preflight(cfg, stage, norm, init)
     source = open_data(cfg.data, cfg.seed)  # data.sources mixed by weight, or data.root
     fp = run_fingerprint(cfg, stage, norm, init)
     rt = setup(cfg)
     try:
-        return _train(cfg, stage, st, Path(out), norm, stats, init, resume, source, rt, fp)
+        return _train(cfg, stage, st, str(out), norm, stats, init, resume, source, rt, fp)
     finally:
         teardown()
 
@@ -210,6 +208,8 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, 
     run = StepRun(out, f"train-stage{stage}", fp, main=rt.is_main)
     if run.done:
         return run.done if rt.is_main else {}
+    mirror = CheckpointMirror(out, rt.rank) if storage.is_s3(out) else None  # s3://: a local folder, mirrored
+    work = mirror.work if mirror else Path(out)
 
     # --- models: frozen targets, their frozen statistics, the student and its adapters -------------
     targets = build_targets(cfg, stage, rt.device)
@@ -223,8 +223,10 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, 
     opt, sched = build_optimizer(model, st)
 
     # --- resume ----------------------------------------------------------------------------------
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = work / "checkpoints"
     history, start = History(), 0
+    if mirror is not None and resume:
+        mirror.restore(ckpt_dir)
     last = checkpoint.latest(ckpt_dir) if resume else None
     if resume and last is None:
         log.info("--resume: no complete checkpoint under %s yet, starting from step 0", ckpt_dir)
@@ -256,6 +258,7 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, 
     # --- the loop --------------------------------------------------------------------------------
     bar = tqdm(total=st.iters, initial=start, desc=f"stage{stage}", unit="step", disable=not rt.is_main, mininterval=2)
     t0, seen, last_ckpt, skipped = time.perf_counter(), 0, last, 0
+    live = metrics.serve_training(stage, st.iters, st.batch_size, main=rt.is_main)  # /metrics with EUPE_METRICS_PORT
     for step in range(start, st.iters):
         sizes = draw_resolutions(cfg, stage, step, targets)
         step_loss, step_parts = 0.0, {t.name: 0.0 for t in targets}
@@ -279,6 +282,7 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, 
         rate = seen / (time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{history.loss[-1]:.4f}", img_s=f"{rate:.1f}")
+        live.update(step + 1, history.loss[-1], rate, lr)
         if (step + 1) % st.log_every == 0 and rt.is_main:
             eta = (st.iters - step - 1) * st.batch_size / max(rate, 1e-9)
             log.info("stage%d step %d/%d loss %.4f %.1f img/s eta %.0fs", stage, step + 1, st.iters, history.loss[-1], rate, eta)
@@ -288,15 +292,20 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, 
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "rng": checkpoint.rng_state(), "history": history.__dict__, "fingerprint": fp,
                 }, first=fresh)
+                if mirror is not None:
+                    mirror.push(last_ckpt, keep={p.name for p in ckpt_dir.glob("step_*")})
             fresh = False
             rt.barrier()
     bar.close()
+    live.close()
     wall = time.perf_counter() - t0
 
     skipped = round(rt.mean(float(skipped)) * rt.world_size)  # every rank joins the reduction
     if not rt.is_main:
         return {}
     last_ckpt = last_ckpt or checkpoint.latest(ckpt_dir)
+    if mirror is not None and last_ckpt is not None:
+        last_ckpt = mirror.uri(last_ckpt)  # the artifact is the bucket's copy
     return results.write_training_result(run, stage, history.__dict__, {
         "steps": st.iters, "steps_this_run": st.iters - start, "images_per_s": seen / wall if seen else 0.0,
         "wall_s": wall, "skipped_images": skipped, "world_size": rt.world_size, "global_batch": st.batch_size, "accumulation": accum,

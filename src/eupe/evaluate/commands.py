@@ -12,7 +12,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from eupe.evaluate.run import run_evaluate
 
     cfg = load(args, input_overrides(args))
-    result = run_evaluate(cfg, args.encoder, Path(args.out), weights=args.weights, checkpoint=args.checkpoint,
+    result = run_evaluate(cfg, args.encoder, args.out, weights=args.weights, checkpoint=args.checkpoint,
                           norm=args.norm, baseline=args.baseline)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result["metrics"].items() if v is not None}
     print(f"evaluate {args.encoder}: {shown} -> {result['artifacts']['eval']}")

@@ -214,7 +214,7 @@ def _fidelity(cfg: Config, inputs: Inputs, held: Encoded, rt: Runtime, size: int
     return {name: (d["cls"] + d["patch"]) / 2 for name, d in detail.items()}, detail
 
 
-def run_evaluate(cfg: Config, encoder: str, out: Path, weights: str | None = None, checkpoint: str | None = None,
+def run_evaluate(cfg: Config, encoder: str, out: str | Path, weights: str | None = None, checkpoint: str | None = None,
                  norm: str | None = None, baseline: str | None = None) -> dict:
     inputs = check_inputs(cfg, encoder, weights, checkpoint, norm, baseline)
     run = StepRun(out, "evaluate", fingerprint("evaluate", {

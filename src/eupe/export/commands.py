@@ -16,7 +16,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         extra.append((f"{args.encoder}.weights", args.weights))
     if args.resolution:
         extra.append(("export.resolutions", [args.resolution]))
-    result = run_export(load(args, extra), Path(args.out), encoder=args.encoder, dtypes=[args.dtype] if args.dtype else None)
+    result = run_export(load(args, extra), args.out, encoder=args.encoder, dtypes=[args.dtype] if args.dtype else None)
     m = result["metrics"]
     parity = ", ".join(f"{k.removeprefix('parity_cosine_')} {v:.5f}" for k, v in m.items() if k.startswith("parity_cosine_"))
     print(f"export: {m['models']} .pte in {args.out}, lowest parity cosine: {parity}")
@@ -25,7 +25,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_latency(args: argparse.Namespace) -> None:
     from eupe.export.latency import run_latency
 
-    result = run_latency(load(args), args.pte, Path(args.out), args.model, resolution=args.resolution,
+    result = run_latency(load(args), args.pte, args.out, args.model, resolution=args.resolution,
                          device=args.device, budgets=args.budgets, device_class=args.device_class,
                          runner=args.runner, serial=args.serial, budget_ms=args.budget_ms)
     m = result["metrics"]

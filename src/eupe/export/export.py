@@ -43,7 +43,7 @@ def _images(source: ImageSource, size: int, indices: list[int], mean: torch.Tens
         yield prepare(b["image"], size, mean, std)
 
 
-def run_export(cfg: Config, out: Path, encoder: str = "student", dtypes: list[str] | None = None) -> dict:
+def run_export(cfg: Config, out: str | Path, encoder: str = "student", dtypes: list[str] | None = None) -> dict:
     """Every ``export.resolutions`` x dtype (fp32, and int8 with ``export.int8``), or only ``dtypes``."""
     if encoder not in ENCODERS:
         raise EupeError(f"--encoder: expected one of {list(ENCODERS)}, got {encoder!r}")

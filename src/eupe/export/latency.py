@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 LATENCY_FILE = "latency.json"
 
 
-def run_latency(cfg: Config, pte_uri: str, out: Path, model: str, resolution: int | None = None,
+def run_latency(cfg: Config, pte_uri: str, out: str | Path, model: str, resolution: int | None = None,
                 device: Literal["local", "adb"] = "local", budgets: str | None = None, device_class: str | None = None,
                 runner: str | None = None, serial: str | None = None, budget_ms: float | None = None) -> dict:
     """``budget_ms`` gates on that median instead of a row of the budgets file (a domain's own budget)."""
