@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench mutate planted airflow clean-demo lock
+.PHONY: demo test bench mutate planted airflow clean-demo lock images
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ planted: $(STAMP)
 # The Airflow UI (airflow standalone on 127.0.0.1:$${AIRFLOW_PORT:-8080}, no login) over the same dags/ and airflow_home/.
 airflow: $(STAMP)
 	bash tools/airflow_ui.sh
+
+# The container images (containers/): CPU as $${EUPE_IMAGE:-eupe:latest}, CUDA as $${EUPE_GPU_IMAGE:-eupe:latest-cuda},
+# the tags the cluster mode's pods run (Airflow Variables eupe_image, eupe_gpu_image). No docker engine: one line, exit 0.
+images:
+	@bash tools/build_images.sh
 
 clean-demo:
 	rm -rf artifacts/demo artifacts/runs/eupe_retrain/demo airflow_home
