@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eupe: error: {step.name}: {e}", file=sys.stderr)
         return e.exit_code
     print(f"[{pipeline.name}] {step.name}: eupe {' '.join(command)}", flush=True)
+    item = parse_json(args.item, "--item") or {}  # the step's Pushgateway group (eupe.metrics), as its folder is named
+    os.environ.update(EUPE_PIPELINE=pipeline.name, EUPE_RUN_ID=args.run_id,
+                      EUPE_STEP=f"{step.name}/{item['name']}" if item.get("name") else step.name)
     code = run_eupe(command)
     if code == 0 and args.xcom_file:  # what the step measured, for the orchestrator (a dataset version's hash)
         metrics = run.result(step.name, parse_json(args.item, "--item")).get("metrics", {})

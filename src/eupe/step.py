@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from eupe import storage
+from eupe import metrics, storage
 from eupe.errors import EupeError
 from eupe.results import RESULT_FILE, write_result
 
@@ -44,6 +44,7 @@ class StepRun:
 
     def __init__(self, out: str | Path, step: str, fingerprint: dict | None = None, main: bool = True):
         self.out, self.step, self.fingerprint, self.main = str(out), step, fingerprint, main
+        self.metrics = metrics.begin(step, self.out) if main else None  # pushed at the end, a failure too (eupe.metrics)
         self.local = not storage.is_s3(self.out)
         if self.local and Path(self.out).exists() and not Path(self.out).is_dir():
             raise EupeError(f"--out {self.out}: is a file, not a folder")
@@ -52,6 +53,8 @@ class StepRun:
             raise EupeError(f"--out {self.out} holds the output of step {previous.get('step')!r}, not {step!r}: "
                             "each step writes to a folder of its own")
         self.done = self._up_to_date(previous)
+        if self.done is not None and self.metrics is not None:
+            self.metrics.finish(self.done, up_to_date=True)
         if self.done is None and main:
             self._start()
 
@@ -102,4 +105,7 @@ class StepRun:
 
     def finish(self, metrics: dict[str, Any], artifacts: dict[str, Any], status: str = "ok") -> dict:
         """``result.json``, last: what the step measured, where its outputs are, and its fingerprint."""
-        return write_result(self.out, self.step, metrics, artifacts, status=status, fingerprint=self.fingerprint)
+        result = write_result(self.out, self.step, metrics, artifacts, status=status, fingerprint=self.fingerprint)
+        if self.metrics is not None:
+            self.metrics.finish(result)
+        return result
