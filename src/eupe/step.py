@@ -78,6 +78,12 @@ class StepRun:
         log.info("%s: up to date (%s): same inputs, config and code as its last run", self.step, self.out)
         return {**previous, "up_to_date": True}
 
+    def restart(self) -> None:
+        """Compute again although the last run looked up to date (the step found its outputs incomplete)."""
+        self.done = None
+        if self.main:
+            self._start()
+
     def _start(self) -> None:
         storage.delete(_uri(self.out, RESULT_FILE))
         if self.local and Path(self.out).is_dir():
