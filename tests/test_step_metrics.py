@@ -166,6 +166,16 @@ def test_finish_pushes_with_the_orchestrators_grouping_key(pushes, tmp_path, mon
     assert len(pushes) == 2  # its result.json is the one pushed
 
 
+def test_the_clis_quick_up_to_date_check_pushes_the_recorded_result(pushes, tmp_path, monkeypatch):
+    result = StepRun(tmp_path / "out", "data-scan", {"x": 1}).finish({"images": 16}, {})
+    monkeypatch.setenv("EUPE_PUSHGATEWAY", "127.0.0.1:9")
+    metrics.up_to_date(str(tmp_path / "out"), result)
+    metrics._flush_open()
+    assert len(pushes) == 1 and pushes[0]["grouping"]["step"] == "data-scan" and pushes[0]["replace"]
+    assert pushes[0]["samples"][("eupe_step_up_to_date", ())] == 1.0
+    assert pushes[0]["samples"][("eupe_step_metric", (("metric", "images"),))] == 16
+
+
 def test_without_the_orchestrator_the_group_is_the_step_name(pushes, tmp_path, monkeypatch):
     monkeypatch.setenv("EUPE_PUSHGATEWAY", "http://127.0.0.1:9")
     StepRun(tmp_path / "out", "evaluate").finish({"knn_top1": 0.5}, {})

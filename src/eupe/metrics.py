@@ -219,6 +219,13 @@ def begin(step: str, out: str) -> StepMetrics | None:
     return run
 
 
+def up_to_date(out: str, result: dict) -> None:
+    """A step found up to date before any StepRun was made (``eupe.cli``'s quick check): its no-op success."""
+    run = begin(str(result.get("step", "")), out)
+    if run is not None:
+        run.finish(result, up_to_date=True)
+
+
 class TrainingMetrics:
     """The live gauges of one training stage, served on /metrics until :meth:`close`."""
 
