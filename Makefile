@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench mutate planted airflow clean-demo lock images
+.PHONY: demo test kfp bench mutate planted airflow clean-demo lock images
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,12 @@ airflow: $(STAMP)
 # the tags the cluster mode's pods run (Airflow Variables eupe_image, eupe_gpu_image). No docker engine: one line, exit 0.
 images:
 	@bash tools/build_images.sh
+
+# The Kubeflow pipelines (components/kfp_pipeline.py), compiled from the step graph: build/eupe_retrain.yaml and
+# build/eupe_domain_finetune.yaml, to upload to KFP. Images: $${EUPE_IMAGE:-eupe:latest} ($${EUPE_GPU_IMAGE} for the
+# GPU steps); artifact root: $${EUPE_ARTIFACT_ROOT:-artifacts} (an s3:// prefix on a cluster).
+kfp: $(STAMP)
+	$(BIN)/python -m components.kfp_pipeline --out build
 
 clean-demo:
 	rm -rf artifacts/demo artifacts/runs/eupe_retrain/demo airflow_home

@@ -21,6 +21,7 @@ from typing import Any
 from airflow.sdk import Asset, AssetAlias, BaseOperator, Variable
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
+from components import images
 from components.airflow_params import FORM_TO_PIPELINE
 from components.graph import Pipeline
 from components.run import PipelineRun
@@ -37,8 +38,8 @@ class Settings:
     artifact_root: str = "artifacts"  # runs/ and models/ live under it; cluster: an s3:// prefix
     workdir: str = str(PROJECT)  # embedded: the folder relative paths (configs/, data) are read from
     python: str = ""  # embedded: the interpreter of the project's environment (default: Airflow's own)
-    image: str = "eupe:latest"  # cluster: the project's image (containers/)
-    gpu_image: str = ""  # cluster: image of the steps that ask for GPUs (default: image)
+    image: str = images.image()  # cluster: the project's image (containers/; env EUPE_IMAGE)
+    gpu_image: str = images.gpu_image()  # cluster: image of the GPU steps (env EUPE_GPU_IMAGE; default: image)
     namespace: str = "eupe"
     s3_secret: str = "eupe-s3"  # a Kubernetes Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL...
     service_account: str = ""
