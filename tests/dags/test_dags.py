@@ -436,8 +436,9 @@ def test_retrain_runs_end_to_end_on_airflow_and_a_killed_training_step_resumes(a
 
     states = task_instances(airflow_home, "eupe_retrain")
     assert {s for s, _ in states.values()} == {"success"}, states  # every task green
-    expected = {(s.name, 0 if s.expand else -1) for s in RETRAIN.steps} | {("plan_export", -1), ("plan_latency", -1),
-                                                                           ("summary", -1)}
+    expected = {(s.name, 0 if s.expand else -1) for s in RETRAIN.steps} | {
+        ("plan_export", -1), ("plan_latency", -1), ("plan_version_checkpoints", -1), ("summary", -1),
+        ("version_checkpoints", 1), ("version_checkpoints", 2)}  # one export, one latency run, three stages versioned
     assert set(states) == expected
     assert states[("train_stage2", -1)] == ("success", 2)  # killed once (exit 1), retried
     assert all(n == 1 for (t, _), (_, n) in states.items() if t != "train_stage2")

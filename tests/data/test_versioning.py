@@ -35,7 +35,7 @@ def test_version_pushes_and_pull_restores_identical_bytes(repo, capsys):
     assert main(["data", "version", "--path", str(data), "--out", str(repo / "v1")]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     out = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]
-    assert printed == out["md5"] and printed.endswith(".dir") and out["nfiles"] == 13
+    assert printed == out["md5"] and printed.endswith(".dir") and out["nfiles"] == 14  # + synth.json, result.json
     result = yaml.safe_load((repo / "v1" / "result.json").read_text())
     assert result["metrics"]["hash"] == printed and result["artifacts"]["dvc_file"] == str(repo / "data.dvc")
 
@@ -81,3 +81,31 @@ def test_push_to_a_missing_remote_names_it(repo, capsys):
     assert main(["data", "version", "--path", str(repo / "d"), "--remote", "nope", "--out", str(repo / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "dvc push" in err and "nope" in err and "\n" not in err
+
+
+def test_checkpoints_of_a_run_in_its_own_git_free_repository_concurrently(repo, tmp_path):
+    """What version_checkpoints does: the run folder (git-ignored in a real checkout) becomes a DVC repository
+    sharing the project's remote and cache; the mapped tasks of one run version their stages at the same time."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "artifacts" / "runs" / "p" / "r1"
+    for stage in (1, 2, 3):
+        ckpt = run / f"train_stage{stage}" / "checkpoints" / "step_4"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(bytes([stage]) * 1000)
+    eupe = [sys.executable, "-m", "eupe.cli", "data", "version", "--repo", str(run), "--like", str(repo)]
+    procs = [subprocess.Popen([*eupe, "--path", str(run / f"train_stage{s}" / "checkpoints" / "step_4"),
+                               "--dvc-file", str(run / "version_checkpoints" / f"train_stage{s}" / "checkpoint.dvc"),
+                               "--out", str(run / "version_checkpoints" / f"train_stage{s}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for s in (1, 2, 3)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    hashes = [yaml.safe_load((run / "version_checkpoints" / f"train_stage{s}" / "result.json").read_text())
+              ["metrics"]["hash"] for s in (1, 2, 3)]
+    assert len(set(hashes)) == 3
+    for h in hashes:  # pushed to the project's remote
+        md5 = h.removesuffix(".dir")
+        assert (tmp_path / "remote" / "files" / "md5" / md5[:2] / (md5[2:] + ".dir")).is_file()
+    config = (run / ".dvc" / "config").read_text()
+    assert "no_scm = True" in config and str(tmp_path / "remote") in config and "(default)" not in config

@@ -10,16 +10,20 @@ The repository's ``.dvc/config`` names the remotes: ``local`` (default, a folder
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from eupe import storage
 from eupe.errors import EupeError
 
 log = logging.getLogger(__name__)
@@ -74,24 +78,29 @@ def _out_entry(f: Path) -> dict[str, Any]:
 
 def standalone_repo(folder: str | Path, project: Path | None = None) -> Path:
     """A DVC repository without git at ``folder`` (created when missing) that shares the remotes and the
-    cache of the ``project`` DVC repository (default: the one holding the working directory). It is how
+    cache of the ``project`` DVC repository (default: the one holding the working directory). Callers hold
+    :func:`repo_lock`. It is how
     outputs in git-ignored folders, a run's checkpoints under ``artifacts/``, get a ``.dvc`` file: git would
     refuse one there, and a scheduled run commits nothing to git anyway."""
     root = Path(folder).absolute()
-    if (root / ".dvc").is_dir():
+    config_file = root / ".dvc" / "config"
+    if config_file.is_file() and "[cache]" in config_file.read_text():  # set up (the config is written last)
         return root
     project = find_repo(Path.cwd() if project is None or "://" in str(project) else Path(project))
-    # `dvc remote list`: "<name>\t<url>" and, on the default one, "\t(default)"
-    remotes = [line.split()[:2] for line in run_dvc(["remote", "list"], project).splitlines() if line.strip()]
+    from dvc.config import Config  # the project's merged config (config + config.local), local urls made absolute
+
+    conf = Config(dvc_dir=str(project / ".dvc"))
+    lines = ["[core]", "    no_scm = True"]
+    if conf["core"].get("remote"):
+        lines.append(f"    remote = {conf['core']['remote']}")
+    lines += ["[cache]", f"    dir = {(project / '.dvc' / 'cache').absolute()}"]
+    for name, options in conf["remote"].items():
+        lines.append(f"['remote \"{name}\"']")
+        lines += [f"    {key} = {options[key]}" for key in ("url", "endpointurl", "region") if options.get(key)]
     root.mkdir(parents=True, exist_ok=True)
-    run_dvc(["init", "--no-scm", "--quiet"], root)
-    run_dvc(["config", "cache.dir", str((project / ".dvc" / "cache").absolute())], root)
-    default = run_dvc(["remote", "default"], project).strip()
-    for name, url in remotes:
-        url = url.strip()
-        if "://" not in url and not os.path.isabs(url):  # relative to the project's .dvc/ folder
-            url = str((project / ".dvc" / url).resolve())
-        run_dvc(["remote", "add", *(["--default"] if name == default else []), name, url], root)
+    if not (root / ".dvc").is_dir():
+        run_dvc(["init", "--no-scm", "--quiet"], root)
+    storage.write_bytes(str(config_file), ("\n".join(lines) + "\n").encode())  # atomically
     log.info("data version: %s is a DVC repository (no git) with the remotes of %s", root, project)
     return root
 
@@ -108,17 +117,34 @@ def version(path: str | Path, remote: str | None = None, dvc_file: str | None = 
             repo: str | Path | None = None, like: str | Path | None = None) -> dict[str, Any]:
     """Track ``path`` with DVC and push it; returns ``hash`` (md5), ``size``, ``nfiles`` and ``dvc_file``.
     ``repo``: track it in that folder's own DVC repository (:func:`standalone_repo`)."""
-    from eupe import storage
-
     if storage.is_s3(str(path)):
         return _s3_version(str(path))
     target = Path(path)
     if not target.exists():
         raise EupeError(f"--path: not found: {path}")
     if repo is not None:
-        root = standalone_repo(repo, like)
-        if root not in target.absolute().parents:
-            raise EupeError(f"--path {path} is outside --repo {repo}")
+        with repo_lock(repo):  # the mapped tasks of one run share the run folder's repository
+            root = standalone_repo(repo, like)
+            if root not in target.absolute().parents:
+                raise EupeError(f"--path {path} is outside --repo {repo}")
+            return _track(target, dvc_file, remote)
+    return _track(target, dvc_file, remote)
+
+
+@contextmanager
+def repo_lock(folder: str | Path) -> Iterator[None]:
+    """One DVC command sequence at a time in ``folder`` (``dvc init``, ``commit`` and ``push`` of concurrent
+    tasks would otherwise fail on DVC's own lock): an exclusive ``flock`` on ``<folder>/.eupe-dvc.lock``."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / ".eupe-dvc.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _track(target: Path, dvc_file: str | None, remote: str | None) -> dict[str, Any]:
     repo = find_repo(target)
     f = _dvc_file(target, repo, dvc_file)
     if dvc_file:  # an output outside the .dvc file's folder, e.g. a checkpoint under a git-ignored artifacts/
