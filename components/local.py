@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,12 +33,24 @@ def eupe_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "eupe.cli"]
 
 
-def execute(argv: list[str], in_process: bool = False) -> int:
+def execute(argv: list[str], in_process: bool = False, labels: dict[str, str] | None = None) -> int:
+    """``eupe ARGV``; ``labels`` (EUPE_PIPELINE, EUPE_RUN_ID, EUPE_STEP) name the step's metrics, as
+    ``components.task`` sets them for the orchestrators."""
     if in_process:
         from eupe.cli import main
 
-        return main(argv)
-    return subprocess.run([*eupe_command(), *argv], stdin=subprocess.DEVNULL).returncode
+        before = {k: os.environ.get(k) for k in labels or {}}
+        os.environ.update(labels or {})
+        try:
+            return main(argv)
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return subprocess.run([*eupe_command(), *argv], stdin=subprocess.DEVNULL,
+                          env={**os.environ, **(labels or {})}).returncode
 
 
 def run_pipeline(pipeline: Pipeline, artifact_root: str, run_id: str, params: dict | None = None,
@@ -53,7 +66,8 @@ def run_pipeline(pipeline: Pipeline, artifact_root: str, run_id: str, params: di
             label = step.name + (f"[{item['name']}]" if item else "")
             print(f"[{pipeline.name}] {label}: eupe {' '.join(argv)}", flush=True)
             t0 = time.perf_counter()
-            code = execute(argv, in_process)
+            code = execute(argv, in_process, {"EUPE_PIPELINE": pipeline.name, "EUPE_RUN_ID": run_id,
+                                              "EUPE_STEP": step.name + (f"/{item['name']}" if item else "")})
             if code != 0:
                 raise StepFailed(label, argv, code)
             print(f"[{pipeline.name}] {label}: done in {time.perf_counter() - t0:.1f}s", flush=True)

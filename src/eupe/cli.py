@@ -106,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     out, config = getattr(args, "out", None), getattr(args, "config", None)
     invocation.record(argv, config)
-    if getattr(args, "quick_check", True) and isinstance(out, (str, Path)) and invocation.up_to_date(str(out), argv, config):
+    done = getattr(args, "quick_check", True) and isinstance(out, (str, Path)) and invocation.up_to_date(
+        str(out), argv, config)
+    if done:
+        from eupe import metrics
+
+        metrics.up_to_date(str(out), done)  # the no-op's success, with EUPE_PUSHGATEWAY
         name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
         print(f"eupe {name}: up to date ({out}): nothing to do", flush=True)
         return 0  # before the step imports torch: a rerun of an unchanged pipeline takes seconds
