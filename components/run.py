@@ -148,5 +148,5 @@ class PipelineRun:
             for override in self.pipeline.overrides(self.params):
                 args += ["--set", override]
         if step.resumable:  # a retried (or re-run) training step continues from its last checkpoint
-            args.append("--resume")
+            args += ["--resume", "auto"]  # ... when the same inputs wrote it; new inputs start over
         return args

@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", required=True, help="norm.safetensors from `eupe normalize` for this stage")
     p.add_argument("--proxy", help="proxy weights for stages 2 and 3 (overrides proxy.weights)")
     p.add_argument("--init", help="checkpoint to start from (stage 3: the stage-2 model.safetensors)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint under --out")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"], metavar="auto",
+                   help="continue from the last checkpoint under --out (refused when another config or other "
+                        "inputs wrote it); `--resume auto`: continue when the same ones did, else start over")
     p.add_argument("--out", required=True, help="output folder (checkpoints/, encoder.safetensors, result.json)")
     p.set_defaults(func=cmd_train)
 

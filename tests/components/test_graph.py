@@ -52,7 +52,7 @@ def test_commands_resolve_upstream_outputs_params_and_alternatives(tmp_path):
 def test_training_resumes_an_empty_baseline_is_dropped_and_a_missing_output_is_named(tmp_path):
     run = PipelineRun.create(RETRAIN, str(tmp_path), "r1")
     _done(run, "normalize_stage1", {"stats": "n1.safetensors"})
-    assert run.command(RETRAIN.step("train_stage1"))[-1] == "--resume"
+    assert run.command(RETRAIN.step("train_stage1"))[-2:] == ["--resume", "auto"]
     for step, arts in (("train_stage1", {"encoder": "p"}), ("normalize_stage3", {"stats": "n3"}),
                        ("train_stage3", {"encoder": "e", "checkpoint_model": "m"})):
         _done(run, step, arts)

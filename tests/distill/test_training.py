@@ -192,3 +192,26 @@ def test_every_step_uses_the_warmup_cosine_learning_rate_and_records_its_gradien
     expected = [st.lr * reference.warmup_cosine(s, st.iters, st.warmup_iters, st.min_lr_ratio) for s in range(st.iters)]
     assert h["lr"] == pytest.approx(expected, rel=1e-9)
     assert len(h["grad_norm"]) == st.iters and all(0 < g < float("inf") for g in h["grad_norm"])
+
+
+def test_resume_refuses_another_runs_checkpoint_and_resume_auto_starts_over(recipe: Path, stage2_norm: Path,
+                                                                          tmp_path: Path, capsys) -> None:
+    """What a pipeline rerun after new data does: `--resume auto` (the graph's) starts over where a plain
+    `--resume` (by hand) refuses a checkpoint that other inputs or another config wrote."""
+    from eupe.cli import main
+    from runs import one_thread, stage2_args
+
+    out = tmp_path / "out"
+    base = [str(a) for a in stage2_args(recipe, stage2_norm, out, 8)]
+    _eupe(*base)
+    other = [*base, "--set", "stage2.lr=3e-4"]
+    with one_thread():
+        assert main([*other, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("eupe: error: --resume:") and "other inputs or config" in err and "--resume auto" in err
+    _eupe(*other, "--resume", "auto")
+    m = read_result(out)["metrics"]
+    assert m["steps_this_run"] == 8  # from step 0, not from the other run's step 8
+    same = read_result(out)["finished_at"]
+    _eupe(*other, "--resume", "auto")  # the same run again: up to date
+    assert read_result(out)["finished_at"] == same

@@ -177,7 +177,11 @@ def check_dims(targets: list[Target], stats: dict[str, FeatureStats], norm: str,
             raise EupeError(f"--norm {norm}: {t.name} has feature dims {stats[t.name].dims}, the model gives {dims}")
 
 
-def train(cfg: Config, stage: int, out: str | Path, norm: str, init: str | None = None, resume: bool = False) -> dict:
+def train(cfg: Config, stage: int, out: str | Path, norm: str, init: str | None = None,
+          resume: bool | str = False) -> dict:
+    """One stage into ``out``. ``resume``: continue from the last checkpoint under ``out`` (refused when it was
+    written with other inputs or config); ``"auto"`` (what the pipelines pass): continue when it was written by
+    the same inputs and config, else start over."""
     st = cfg.stage(stage)
     stats = preflight(cfg, stage, norm, init)
     source = open_data(cfg.data, cfg.seed)  # data.sources mixed by weight, or data.root
@@ -230,12 +234,17 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, 
     last = checkpoint.latest(ckpt_dir) if resume else None
     if resume and last is None:
         log.info("--resume: no complete checkpoint under %s yet, starting from step 0", ckpt_dir)
+    state = checkpoint.load(last) if last is not None else None
+    if state is not None and not _same_run(state[1].get("fingerprint"), fp):
+        if resume != "auto":
+            raise EupeError(f"--resume: {last} was written by a run with other inputs or config; train into "
+                            "another --out, remove its checkpoints, or pass --resume auto to start over")
+        log.info("--resume auto: %s was written by a run with other inputs or config: starting from step 0 "
+                 "(its checkpoints are replaced at this run's first save)", last)
+        last = state = None
     fresh = last is None  # an older run's checkpoints stay until this run has saved its first one
-    if last is not None:
-        weights, state = checkpoint.load(last)
-        if not _same_run(state.get("fingerprint"), fp):
-            raise EupeError(f"--resume: {last} was written by a run with other inputs or config; "
-                            "train into another --out, or remove its checkpoints to start over")
+    if state is not None:
+        weights, state = state
         model.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
