@@ -24,6 +24,7 @@ image in the evaluation layout (see :mod:`eupe.data.folder`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -490,8 +491,12 @@ def synthesize(
                 f"synthesize: out_dir {out_dir} is non-empty and has no {MANIFEST_NAME}; "
                 "refusing to replace a directory it did not write"
             )
+    fp = fingerprint("data-synth", {}, **params)
+    # the images are a function of the parameters and of this module alone: another change of the library
+    # does not rewrite them (new file times would make every step that reads the dataset run again)
+    fp["code"] = "synth+" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
     try:
-        run = StepRun(out_dir, "data-synth", fingerprint("data-synth", {}, **params))
+        run = StepRun(out_dir, "data-synth", fp)
     except EupeError as e:
         raise FileExistsError(f"synthesize: {e}") from None
     if run.done:
