@@ -7,7 +7,10 @@ Two modes, one switch (Airflow Variables, also read from ``AIRFLOW_VAR_EUPE_<NAM
 :class:`~components.airflow_tasks.Settings`): ``embedded`` (default), each task a subprocess of the
 project's environment (:class:`~components.airflow_tasks.EupeStepOperator`); ``cluster``, each task a
 KubernetesPodOperator running the project's image with the step's resources
-(:class:`~components.airflow_pod.EupePodOperator`). Both run ``python -m components.task``.
+(:class:`~components.airflow_pod.EupePodOperator`). Both run ``python -m components.task``. In cluster
+mode a training step whose stage asks for more than one node (``eupe_train_nodes``, ``eupe_train_nodes_stage<N>``)
+is a Kubeflow PyTorchJob instead, ``torchrun -m components.task`` on each node
+(:class:`~components.airflow_pytorchjob.EupePyTorchJobOperator`).
 
 Retries come from the graph (exit 1 only, exponential back-off); a step the parameters make unnecessary is
 skipped and its downstream tasks run on (trigger rule ``none_failed_min_one_success``: past a skip, never
@@ -51,8 +54,14 @@ def build_dag(pipeline: Pipeline, schedule=None, params: dict[str, Param] | None
         from components import airflow_pod  # the Kubernetes client: only in cluster mode
 
         operator, mode_kwargs = airflow_pod.EupePodOperator, lambda step: airflow_pod.pod_kwargs(step, s)
+        if any(s.nodes(step) > 1 for step in pipeline.steps):
+            from components import airflow_pytorchjob  # multi-node training: a PyTorchJob per training step
     else:
         operator, mode_kwargs = EupeStepOperator, lambda step: {"workdir": s.workdir, "python": s.python}
+
+    def multinode(step: Step | None, action: str) -> bool:
+        return step is not None and action == "run" and s.nodes(step) > 1  # cluster mode, a training step
+
     dataset = None
     if "version_data" in [st.name for st in pipeline.steps]:
         asset = dataset_asset(s.dataset_uri or str(pipeline.params["dataset_uri"]))
@@ -65,7 +74,10 @@ def build_dag(pipeline: Pipeline, schedule=None, params: dict[str, Param] | None
             retry_delay=timedelta(seconds=s.retry_delay_s), retry_exponential_backoff=2.0,  # True would be x1
             max_retry_delay=timedelta(hours=1),
             trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS if upstream else TriggerRule.ALL_SUCCESS)
-        kw.update(mode_kwargs(step if action == "run" else None))  # a planner's or the summary's pod: small
+        if multinode(step, action):
+            kw.update(airflow_pytorchjob.job_kwargs(step, s))
+        else:
+            kw.update(mode_kwargs(step if action == "run" else None))  # a planner's or the summary's pod: small
         if step and step.name == "version_data" and action == "run" and dataset is not None:
             kw.update(dataset=dataset, inlets=[dataset[0]], outlets=[dataset[1]])
         if step and step.name == "promote":
@@ -83,7 +95,8 @@ def build_dag(pipeline: Pipeline, schedule=None, params: dict[str, Param] | None
                 upstream >> planner
                 task = operator.partial(**kwargs(step.name, step, "run", [planner])).expand(item=planner.output)
             else:
-                task = operator(**kwargs(step.name, step, "run", upstream))
+                cls = airflow_pytorchjob.EupePyTorchJobOperator if multinode(step, "run") else operator
+                task = cls(**kwargs(step.name, step, "run", upstream))
             upstream >> task
             tasks[step.name] = task
         tasks[pipeline.steps[-1].name] >> operator(**{**kwargs("summary", None, "summary", []), "retries": 0})

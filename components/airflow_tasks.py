@@ -23,7 +23,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from components import images
 from components.airflow_params import FORM_TO_PIPELINE
-from components.graph import Pipeline
+from components.graph import Pipeline, Step
 from components.run import PipelineRun
 from components.task import SKIPPED
 
@@ -46,6 +46,11 @@ class Settings:
     retry_delay_s: float = 60.0  # first retry of an exit 1; doubled at each further try, at most an hour
     retrain_schedule: str = "0 3 * * 1"  # cron, UTC: Mondays 03:00
     dataset_uri: str = ""  # the Asset retraining also runs on (default: the pipeline's dataset_uri)
+    train_nodes: int = 1  # cluster: nodes of a training step; > 1 runs it as a PyTorchJob (torchrun on each)
+    train_nodes_stage1: int = 0  # cluster: the nodes of one stage (0: train_nodes)
+    train_nodes_stage2: int = 0
+    train_nodes_stage3: int = 0
+    pytorchjob_template: str = "/opt/eupe/pytorchjob/pytorchjob.yaml"  # cluster: the chart's PyTorchJob (ConfigMap)
 
     @classmethod
     def load(cls) -> Settings:
@@ -58,6 +63,13 @@ class Settings:
         if s.mode not in ("embedded", "cluster"):
             raise ValueError(f"Airflow Variable eupe_mode: {s.mode!r} is neither 'embedded' nor 'cluster'")
         return s
+
+    def nodes(self, step: Step) -> int:
+        """Nodes a step runs on in cluster mode: a training step (resumable, ``train_*``) its stage's
+        ``train_nodes_<stage>`` or else ``train_nodes``; any other step one. Embedded mode: always one."""
+        if self.mode != "cluster" or not (step.resumable or step.name.startswith("train_")):
+            return 1
+        return max(1, getattr(self, f"train_nodes_{step.name.removeprefix('train_')}", 0) or self.train_nodes)
 
 
 # --------------------------------------------------------------------------- exit codes
