@@ -3,7 +3,7 @@
 The DAG built by components.airflow_dag with ``train_nodes`` > 1 and the operator's manifest from a
 template like the chart's; the job's life is a fake ``CustomObjectsApi`` (and ``CoreV1Api`` for the failed
 master's pod and log) injected as the operator's hook: created, polled to Succeeded or Failed, deleted.
-With tests/fixtures/crds/pytorchjob.yaml (the Training Operator's CRD) the manifest is also validated
+With tests/fixtures/crds/kubeflow.org_pytorchjobs.yaml (the Training Operator's CRD) the manifest is also validated
 against its schema.
 """
 
@@ -22,7 +22,8 @@ import yaml
 from components.graph import FINETUNE, RETRAIN
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD = ROOT / "tests" / "fixtures" / "crds" / "pytorchjob.yaml"
+CRDS = ROOT / "tests" / "fixtures" / "crds"
+CRD = next((p for p in (CRDS / "kubeflow.org_pytorchjobs.yaml", CRDS / "pytorchjob.yaml") if p.is_file()), None)
 
 TEMPLATE = """
 apiVersion: kubeflow.org/v1
@@ -258,7 +259,7 @@ def test_the_submitted_job_is_the_template_with_name_labels_workers_and_the_step
     command = run.command(RETRAIN.step(c["args"][-1]))
     assert command[0] == "train" and "--resume" in command and "--norm" in command
 
-    if CRD.is_file():  # the chart's fixture: the Training Operator's CRD
+    if CRD is not None:  # the chart's fixture: the Training Operator's CRD
         jsonschema = pytest.importorskip("jsonschema")
         crd = yaml.safe_load(CRD.read_text())
         (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
