@@ -1,0 +1,104 @@
+{{/* One replica type (Master or Worker) of the PyTorchJob template. */}}
+{{- define "eupe.pytorchReplica" -}}
+{{- $ := .root -}}
+{{- $t := $.Values.training -}}
+replicas: {{ .replicas }}
+restartPolicy: OnFailure
+template:
+  metadata:
+    labels:
+      {{- include "eupe.selectorLabels" $ | nindent 6 }}
+      app.kubernetes.io/component: training
+  spec:
+    serviceAccountName: {{ include "eupe.serviceAccountName" $ }}
+    automountServiceAccountToken: false
+    securityContext:
+      {{- include "eupe.podSecurityContext" $ | nindent 6 }}
+    {{- include "eupe.imagePullSecrets" $ | trim | nindent 4 }}
+    {{- with $t.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $t.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    containers:
+      - name: pytorch
+        image: {{ default (include "eupe.image" $) (include "eupe.gpuImage" $) | quote }}
+        imagePullPolicy: {{ $.Values.image.pullPolicy }}
+        command: [torchrun]
+        args: [-m, components.task]
+        ports:
+          - name: pytorchjob-port
+            containerPort: {{ $t.masterPort }}
+          - name: metrics
+            containerPort: {{ $t.metricsPort }}
+        envFrom:
+          {{- include "eupe.secretEnvFrom" $ | nindent 10 }}
+        env:
+          {{- include "eupe.scratchEnv" $ | nindent 10 }}
+          - name: EUPE_METRICS_PORT
+            value: {{ $t.metricsPort | quote }}
+          - name: EUPE_PUSHGATEWAY
+            value: {{ include "eupe.pushgateway" $ | quote }}
+        resources:
+          requests:
+            {{- toYaml $t.resources.requests | nindent 12 }}
+            {{- if gt (int $t.gpusPerNode) 0 }}
+            nvidia.com/gpu: {{ $t.gpusPerNode | quote }}
+            {{- end }}
+          limits:
+            {{- toYaml $t.resources.limits | nindent 12 }}
+            {{- if gt (int $t.gpusPerNode) 0 }}
+            nvidia.com/gpu: {{ $t.gpusPerNode | quote }}
+            {{- end }}
+        securityContext:
+          {{- include "eupe.containerSecurityContext" $ | nindent 10 }}
+        volumeMounts:
+          {{- include "eupe.scratchMounts" $ | nindent 10 }}
+          - name: dshm
+            mountPath: /dev/shm
+          {{- if $t.checkpoints.existingClaim }}
+          - name: checkpoints
+            mountPath: {{ $t.checkpoints.mountPath }}
+          {{- end }}
+    volumes:
+      {{- include "eupe.scratchVolumes" $ | nindent 6 }}
+      - name: dshm
+        emptyDir:
+          medium: Memory
+          sizeLimit: {{ $t.shmSizeLimit }}
+      {{- if $t.checkpoints.existingClaim }}
+      - name: checkpoints
+        persistentVolumeClaim:
+          claimName: {{ $t.checkpoints.existingClaim }}
+      {{- end }}
+{{- end -}}
+
+{{/* The PyTorchJob template the training steps' Airflow operator loads (it sets metadata.name, appends the
+     step's arguments to the container args and sets the Worker replicas). */}}
+{{- define "eupe.pytorchjob" -}}
+{{- $t := .Values.training -}}
+{{- if and (not (hasPrefix "s3://" .Values.settings.artifactRoot)) (not $t.checkpoints.existingClaim) -}}
+{{- fail "training.checkpoints.existingClaim: an existing PVC is required when settings.artifactRoot is not an s3:// prefix" -}}
+{{- end -}}
+apiVersion: kubeflow.org/v1
+kind: PyTorchJob
+metadata:
+  name: {{ include "eupe.fullname" . }}-train
+  namespace: {{ include "eupe.namespace" . }}
+  labels:
+    {{- include "eupe.labels" . | nindent 4 }}
+    app.kubernetes.io/component: training
+spec:
+  nprocPerNode: {{ $t.nprocPerNode | toString | quote }}
+  runPolicy:
+    cleanPodPolicy: {{ $t.cleanPodPolicy }}
+    backoffLimit: {{ $t.backoffLimit }}
+  pytorchReplicaSpecs:
+    Master:
+      {{- include "eupe.pytorchReplica" (dict "root" . "replicas" 1) | nindent 6 }}
+    Worker:
+      {{- include "eupe.pytorchReplica" (dict "root" . "replicas" (sub (int $t.nodes) 1)) | nindent 6 }}
+{{- end -}}
