@@ -49,6 +49,17 @@ def build_dag(pipeline: Pipeline, schedule=None, params: dict[str, Param] | None
     after promote. ``params``: the DAG's Params (default :func:`components.airflow_params.dag_params`: every
     pipeline parameter as a string)."""
     s = settings or Settings.load()
+    params = dag_params(pipeline) if params is None else dict(params)
+    for name, default in s.param_defaults(pipeline.name).items():  # the deployment's defaults (the chart's)
+        if default in (None, ""):
+            continue  # not set: the pipeline's own default
+        if name not in params:
+            raise ValueError(f"Airflow Variable eupe_params: {pipeline.name} has no parameter {name!r} "
+                             f"(has {sorted(params)})")
+        schema = dict(params[name].schema)
+        kinds = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+        value = int(default) if "integer" in kinds else float(default) if "number" in kinds else str(default)
+        params[name] = Param(value, **schema)
     cluster = s.mode == "cluster"
     if cluster:
         from components import airflow_pod  # the Kubernetes client: only in cluster mode
@@ -86,7 +97,7 @@ def build_dag(pipeline: Pipeline, schedule=None, params: dict[str, Param] | None
 
     with DAG(dag_id=pipeline.name, description=pipeline.description.split(": ")[0], doc_md=pipeline.description,
              schedule=schedule, start_date=START, catchup=False, max_active_runs=1,
-             params=dag_params(pipeline) if params is None else params, tags=["eupe", s.mode], **dag_kwargs) as dag:
+             params=params, tags=["eupe", s.mode], **dag_kwargs) as dag:
         tasks: dict[str, Any] = {}
         for step in pipeline.steps:
             upstream = [tasks[n] for n in step.needs]

@@ -8,6 +8,8 @@ identity and parameters are all it is given, the step's command line is resolved
 
 from __future__ import annotations
 
+import os
+
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk import Asset, AssetAlias
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
@@ -77,7 +79,9 @@ def pod_kwargs(step: Step | None, s: Settings) -> dict:
         container_security_context=k8s.V1SecurityContext(
             run_as_non_root=True, allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])),
         env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=s.s3_secret))],
-        env_vars=[k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")],
+        env_vars=[k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
+                  *([k8s.V1EnvVar(name="EUPE_PUSHGATEWAY", value=gateway)] if (gateway := s.pushgateway or
+                                                                               os.environ.get("EUPE_PUSHGATEWAY")) else [])],
         tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")] if gpu else None,
         labels={"app.kubernetes.io/name": "eupe", "eupe/step": (step.name if step else "control").replace("_", "-")},
         service_account_name=s.service_account or None, skip_on_exit_code=SKIPPED,

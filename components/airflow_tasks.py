@@ -51,6 +51,20 @@ class Settings:
     train_nodes_stage2: int = 0
     train_nodes_stage3: int = 0
     pytorchjob_template: str = "/opt/eupe/pytorchjob/pytorchjob.yaml"  # cluster: the chart's PyTorchJob (ConfigMap)
+    params: str = ""  # JSON {pipeline: {parameter: default}}: the chart's defaults of the DAGs' form fields
+    pushgateway: str = ""  # cluster: EUPE_PUSHGATEWAY of the step pods (default: Airflow's own EUPE_PUSHGATEWAY)
+
+    def param_defaults(self, pipeline: str) -> dict[str, Any]:
+        """This deployment's defaults of ``pipeline``'s parameters (model names, budgets, device classes)."""
+        if not self.params:
+            return {}
+        try:
+            value = json.loads(self.params).get(pipeline, {})
+        except (ValueError, AttributeError):
+            raise ValueError(f"Airflow Variable eupe_params: not a JSON object of pipelines: {self.params!r}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"Airflow Variable eupe_params: {pipeline}: not an object of parameters: {value!r}")
+        return value
 
     @classmethod
     def load(cls) -> Settings:

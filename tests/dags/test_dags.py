@@ -298,7 +298,8 @@ def test_cluster_mode_renders_pods_with_the_steps_image_command_and_resources(ai
 
     settings = airflow_here.Settings(mode="cluster", image="registry.example/eupe:1.2",
                                      gpu_image="registry.example/eupe-cuda:1.2", artifact_root="s3://ml/eupe",
-                                     namespace="ml", s3_secret="eupe-s3-credentials")
+                                     namespace="ml", s3_secret="eupe-s3-credentials",
+                                     pushgateway="eupe-pushgateway.ml.svc:9091")
     dag = airflow_here.build_dag(RETRAIN, schedule=None, settings=settings)
 
     def pod(task_id: str, **params) -> k8s.V1Pod:
@@ -319,6 +320,7 @@ def test_cluster_mode_renders_pods_with_the_steps_image_command_and_resources(ai
     assert train.spec.security_context.run_as_non_root is True and c.security_context.run_as_non_root is True
     assert c.security_context.allow_privilege_escalation is False
     assert [e.secret_ref.name for e in c.env_from] == ["eupe-s3-credentials"]
+    assert {e.name: e.value for e in c.env}["EUPE_PUSHGATEWAY"] == "eupe-pushgateway.ml.svc:9091"  # the step's metrics
     assert train.metadata.namespace == "ml" and train.spec.restart_policy == "Never"
     assert any(t.key == "nvidia.com/gpu" for t in train.spec.tolerations)
 

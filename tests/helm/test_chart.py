@@ -214,7 +214,7 @@ def test_settings_configmap_is_the_airflow_variables(all_on_docs):
     embedded_only = {"workdir", "python"}
     assert {f"AIRFLOW_VAR_EUPE_{f.upper()}" for f in fields if f not in embedded_only} <= set(data)
     variables = {k for k in data if k.startswith("AIRFLOW_VAR_")}
-    assert variables - {f"AIRFLOW_VAR_EUPE_{f.upper()}" for f in fields} == {"AIRFLOW_VAR_EUPE_PARAMS"}
+    assert variables == {f"AIRFLOW_VAR_EUPE_{f.upper()}" for f in fields if f not in embedded_only}  # no stray key
     assert data["AIRFLOW_VAR_EUPE_MODE"] == "cluster" and data["AIRFLOW_VAR_EUPE_S3_SECRET"] == "eupe-s3"
     assert data["AIRFLOW_VAR_EUPE_IMAGE"] == data["EUPE_IMAGE"] == "registry.example.com/ml/eupe:0.1.0"
     assert data["EUPE_GPU_IMAGE"] == "registry.example.com/ml/eupe-cuda:0.1.0"
@@ -243,7 +243,7 @@ def test_pytorchjob_template_contract(all_on_docs):
     assert set(replicas) == {"Master", "Worker"}
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 3  # training.nodes - 1
     for role, r in replicas.items():
-        assert r["restartPolicy"] == "OnFailure", role
+        assert r["restartPolicy"] == "ExitCode", role  # never restart bad input (exit 2) in place
         spec = r["template"]["spec"]
         (c,) = spec["containers"]
         assert c["name"] == "pytorch" and c["image"] == "registry.example.com/ml/eupe-cuda:0.1.0"
@@ -361,3 +361,22 @@ def test_example_values_render():
     mounts = {m["mountPath"]: m["name"] for m in airflow["workers"]["extraVolumeMounts"]}
     volume = {v["name"]: v for v in airflow["workers"]["extraVolumes"]}[mounts["/opt/eupe/pytorchjob"]]
     assert volume["configMap"]["name"] == find(docs, "ConfigMap", "-pytorchjob")["metadata"]["name"]
+
+
+def test_the_chart_s_parameter_defaults_become_the_dags_form_defaults(all_on_docs, monkeypatch):
+    """AIRFLOW_VAR_EUPE_PARAMS of the settings ConfigMap, read by the DAGs: the forms' defaults follow it, and a
+    parameter a DAG does not have is refused when the DAG is built."""
+    from components.airflow_dag import build_dag
+    from components.airflow_params import finetune_form
+    from components.airflow_tasks import Settings
+    from components.graph import FINETUNE, RETRAIN
+
+    data = find(all_on_docs, "ConfigMap", "-settings")["data"]
+    s = Settings(params=data["AIRFLOW_VAR_EUPE_PARAMS"])
+    retrain = build_dag(RETRAIN, settings=s, schedule=None)
+    assert retrain.params["model_name"] == "vit_b_prod" and retrain.params["latency_budget_ms"] == "216"
+    finetune = build_dag(FINETUNE, params=finetune_form(FINETUNE), settings=s, schedule=None)
+    assert finetune.params["model_name"] == "vit_b_domain" and finetune.params["latency_budget_ms"] == 250.0
+    assert finetune.params["device_class"] == "iphone-15-pro-cpu"
+    with pytest.raises(ValueError, match="eupe_params: eupe_retrain has no parameter 'student'"):
+        build_dag(RETRAIN, settings=Settings(params='{"eupe_retrain": {"student": "vit_s"}}'), schedule=None)

@@ -3,7 +3,7 @@
 {{- $ := .root -}}
 {{- $t := $.Values.training -}}
 replicas: {{ .replicas }}
-restartPolicy: OnFailure
+restartPolicy: ExitCode  # 128+ (a killed or evicted pod): the operator restarts it, and it resumes; 1-127 (a crash, bad input, a failed gate): the job fails and Airflow decides by the exit code
 template:
   metadata:
     labels:
