@@ -123,6 +123,27 @@ stage3: {{iters: 12, batch_size: 8, micro_batch_size: 4, lr: 1.0e-3, warmup_iter
 """
 
 
+PIPELINE_FAST = """
+eval: {probe_epochs: 2}
+export: {resolutions: [32], int8: false}
+latency: {runs: 3, warmup: 1}
+"""  # whole-pipeline runs (local, Airflow, KFP, the UI): one export, few probe epochs and timed runs
+
+
+def pipeline_workspace(root: Path) -> Path:
+    """``root`` as a DVC repository (no git, a local-folder remote ``root/remote``) holding a tiny dense dataset
+    ``root/data``; returns the tiny recipe for whole-pipeline runs, ``root/tiny.yaml``."""
+    from eupe.data.synth import synthesize
+
+    (root / ".dvc").mkdir(parents=True)
+    (root / ".dvc" / "config").write_text(
+        f"[core]\n    no_scm = True\n    remote = local\n['remote \"local\"']\n    url = {root / 'remote'}\n")
+    synthesize(root / "data", 64, size=(48, 80), seed=1, num_classes=4, dense=True)
+    config = root / "tiny.yaml"
+    config.write_text(TINY_RECIPE.format(data=root / "data") + PIPELINE_FAST)
+    return config
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 synthetic images of varied sizes in 4 classes (shared, read-only)."""

@@ -13,14 +13,8 @@ from components import kfp_pipeline
 from components.graph import PIPELINES, RETRAIN
 from components.plan import items
 from components.run import PipelineRun
-from conftest import TINY_RECIPE
-from eupe.data.synth import synthesize
+from conftest import pipeline_workspace
 
-FAST = """
-eval: {probe_epochs: 2}
-export: {resolutions: [32], int8: false}
-latency: {runs: 3, warmup: 1}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +184,7 @@ def test_a_gate_says_no_by_its_output_every_other_failure_fails_the_task(tmp_pat
 def workspace(tmp_path_factory):
     """A DVC repository (local-folder remote) holding a tiny dense dataset, and the tiny recipe."""
     root = tmp_path_factory.mktemp("workspace")
-    (root / ".dvc").mkdir()
-    (root / ".dvc" / "config").write_text(
-        f"[core]\n    no_scm = True\n    remote = local\n['remote \"local\"']\n    url = {root / 'remote'}\n")
-    synthesize(root / "data", 64, size=(48, 80), seed=1, num_classes=4, dense=True)
-    config = root / "tiny.yaml"
-    config.write_text(TINY_RECIPE.format(data=root / "data") + FAST)
+    config = pipeline_workspace(root)
     return root, config
 
 

@@ -10,28 +10,17 @@ import pytest
 from components.graph import RETRAIN
 from components.local import finish, run_pipeline
 from components.summary import EVAL_KEYS, STAGE_KEYS
-from conftest import TINY_RECIPE
-from eupe.data.synth import synthesize
+from conftest import pipeline_workspace
 
 pytestmark = pytest.mark.slow
 
-FAST = """
-eval: {probe_epochs: 2}
-export: {resolutions: [32], int8: false}
-latency: {runs: 3, warmup: 1}
-"""
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A DVC repository (local-folder remote) holding a tiny dense dataset, and the tiny recipe."""
     root = tmp_path_factory.mktemp("workspace")
-    (root / ".dvc").mkdir()
-    (root / ".dvc" / "config").write_text(
-        f"[core]\n    no_scm = True\n    remote = local\n['remote \"local\"']\n    url = {root / 'remote'}\n")
-    synthesize(root / "data", 64, size=(48, 80), seed=1, num_classes=4, dense=True)
-    config = root / "tiny.yaml"
-    config.write_text(TINY_RECIPE.format(data=root / "data") + FAST)
+    config = pipeline_workspace(root)
     return root, config
 
 

@@ -395,26 +395,15 @@ def test_a_bad_input_fails_its_task_at_once_and_is_not_retried(airflow_home, tmp
     print(f"failed run: {time.perf_counter() - started:.1f} s")
 
 
-FAST = """
-eval: {probe_epochs: 2}
-export: {resolutions: [32], int8: false}
-latency: {runs: 3, warmup: 1}
-"""
 
 
 @pytest.fixture(scope="module")
 def retrain(airflow_home, tmp_path_factory):
     """`airflow dags test eupe_retrain` on the tiny recipe, train_stage2 killed once after its first checkpoint."""
-    from conftest import TINY_RECIPE
-    from eupe.data.synth import synthesize
+    from conftest import pipeline_workspace
 
     tmp_path = tmp_path_factory.mktemp("retrain")
-    (tmp_path / ".dvc").mkdir()  # a DVC repository with a local-folder remote holding the tiny dataset
-    (tmp_path / ".dvc" / "config").write_text(f"[core]\n    no_scm = True\n    remote = local\n"
-                                              f"['remote \"local\"']\n    url = {tmp_path / 'remote'}\n")
-    synthesize(tmp_path / "data", 64, size=(48, 80), seed=1, num_classes=4, dense=True)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_RECIPE.format(data=tmp_path / "data") + FAST)
+    config = pipeline_workspace(tmp_path)  # a DVC repository with a local-folder remote holding the tiny dataset
     (tmp_path / "marks").mkdir()
     conf = {"run_name": "t1", "config": str(config), "dataset_uri": str(tmp_path / "data"), "model_name": "tiny",
             "latency_budget_ms": "60000"}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RECIPE
+from conftest import pipeline_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,6 @@ SHOTS = ROOT / "build" / "ui-screenshots"
 DAG = "eupe_domain_finetune"
 RUN_TIMEOUT_S = 600  # the fine-tune on the tiny recipe: a few minutes on 2 shared cores
 
-FAST = """
-eval: {probe_epochs: 2}
-export: {resolutions: [32], int8: false}
-latency: {runs: 3, warmup: 1}
-"""
 
 
 def free_port() -> int:
@@ -101,13 +96,10 @@ def workspace(tmp_path_factory):
     from safetensors.torch import save_file
 
     from eupe.config import load_config
-    from eupe.data.synth import synthesize
     from eupe.models.registry import build_model
 
     root = tmp_path_factory.mktemp("ui_workspace")
-    synthesize(root / "data", 64, size=(48, 80), seed=1, num_classes=4, dense=True)
-    config = root / "tiny.yaml"
-    config.write_text(TINY_RECIPE.format(data=root / "data") + FAST)
+    config = pipeline_workspace(root)
     student = build_model(load_config(config).student, "student")
     base = root / "base" / "encoder.safetensors"
     base.parent.mkdir()
