@@ -66,9 +66,28 @@ def resources(r: Resources) -> dict[str, str]:
     return {"cpu": r.cpu, "memory": r.memory, **({"nvidia.com/gpu": str(r.gpus)} if r.gpus else {})}
 
 
+SCRATCH_ENV = {"HOME": "/tmp/home", "EUPE_CACHE": "/home/eupe/.cache/eupe", "MPLCONFIGDIR": "/tmp/matplotlib"}
+
+
+def scratch_volumes(gpu: bool) -> list:
+    """The writable places of a pod whose root filesystem is read-only: /tmp, the S3/hub cache (EUPE_CACHE, as
+    the chart mounts it) and, for GPU steps, a /dev/shm in memory for the data loader's workers."""
+    volumes = [k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
+               k8s.V1Volume(name="cache", empty_dir=k8s.V1EmptyDirVolumeSource())]
+    if gpu:
+        volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")))
+    return volumes
+
+
+def scratch_mounts(gpu: bool) -> list:
+    mounts = [k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
+              k8s.V1VolumeMount(name="cache", mount_path=SCRATCH_ENV["EUPE_CACHE"])]
+    return mounts + ([k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")] if gpu else [])
+
+
 def pod_kwargs(step: Step | None, s: Settings) -> dict:
     """What a pod of ``step`` (or of a planner / the summary: ``None``) runs as: image, command, resources,
-    non-root, S3 credentials from a Secret."""
+    non-root on a read-only root filesystem with scratch volumes, S3 credentials from a Secret."""
     r = step.resources if step else Resources(cpu="1", memory="2Gi")
     gpu = r.gpus > 0
     return dict(
@@ -77,9 +96,12 @@ def pod_kwargs(step: Step | None, s: Settings) -> dict:
         security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=1000, run_as_group=1000,
                                                   fs_group=1000),
         container_security_context=k8s.V1SecurityContext(
-            run_as_non_root=True, allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"])),
+            run_as_non_root=True, allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            read_only_root_filesystem=True, seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
+        volumes=scratch_volumes(gpu), volume_mounts=scratch_mounts(gpu),
         env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=s.s3_secret))],
         env_vars=[k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
+                  *(k8s.V1EnvVar(name=k, value=v) for k, v in SCRATCH_ENV.items()),
                   *([k8s.V1EnvVar(name="EUPE_PUSHGATEWAY", value=gateway)] if (gateway := s.pushgateway or
                                                                                os.environ.get("EUPE_PUSHGATEWAY")) else [])],
         tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")] if gpu else None,

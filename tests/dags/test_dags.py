@@ -318,7 +318,11 @@ def test_cluster_mode_renders_pods_with_the_steps_image_command_and_resources(ai
     gpus = {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "8"}
     assert c.resources.requests == c.resources.limits == gpus
     assert train.spec.security_context.run_as_non_root is True and c.security_context.run_as_non_root is True
-    assert c.security_context.allow_privilege_escalation is False
+    assert c.security_context.allow_privilege_escalation is False and c.security_context.read_only_root_filesystem
+    assert c.security_context.capabilities.drop == ["ALL"] and c.security_context.seccomp_profile.type == "RuntimeDefault"
+    mounts = {m.mount_path: m.name for m in c.volume_mounts}
+    assert {"/tmp", "/dev/shm", {e.name: e.value for e in c.env}["EUPE_CACHE"]} <= set(mounts)  # writable scratch
+    assert {v.name for v in train.spec.volumes} >= set(mounts.values())
     assert [e.secret_ref.name for e in c.env_from] == ["eupe-s3-credentials"]
     assert {e.name: e.value for e in c.env}["EUPE_PUSHGATEWAY"] == "eupe-pushgateway.ml.svc:9091"  # the step's metrics
     assert train.metadata.namespace == "ml" and train.spec.restart_policy == "Never"
