@@ -66,3 +66,22 @@ def test_a_run_killed_on_one_node_resumes_on_another_from_the_bucket(recipe: Pat
     proc = spawn([BIN / "eupe", *stage2_args(recipe, stage2_norm, out, ITERS, "--resume")], tmp_path / "again.log")
     finish(proc, tmp_path / "again.log")
     assert "up to date" in (tmp_path / "again.log").read_text()
+
+
+def test_normalize_into_s3_then_train_reads_its_stats_from_the_bucket(recipe: Path, s3_bucket: str, tmp_path: Path,
+                                                                      capsys) -> None:
+    """Every step takes an s3:// --out as a URI (not a local Path): normalize publishes there, a rerun is up
+    to date without computing, and training reads the statistics back from the bucket."""
+    from eupe.cli import main
+
+    norm = f"s3://{s3_bucket}/runs/r2/normalize_stage2"
+    eupe("normalize", "--config", recipe, "--stage", 2, "--out", norm)
+    result = storage.read_json(f"{norm}/result.json")
+    assert result["status"] == "ok" and result["artifacts"]["stats"] == f"{norm}/norm.safetensors"
+    assert storage.exists(result["artifacts"]["stats"]) and not (Path.cwd() / "s3:").exists()
+    capsys.readouterr()
+    assert main(["normalize", "--config", str(recipe), "--stage", "2", "--out", norm]) == 0
+    assert "up to date" in capsys.readouterr().out
+    out = tmp_path / "train"
+    eupe(*stage2_args(recipe, result["artifacts"]["stats"], out, 4))
+    assert json.loads((out / "result.json").read_text())["fingerprint"]["inputs"]["norm"]["uri"].startswith("s3://")
