@@ -62,7 +62,7 @@ def test_scan_validate_train_and_dvc_round_trip_on_s3(tmp_path, s3_server, s3_bu
     digest = capsys.readouterr().out.strip().splitlines()[-1]
     assert digest.endswith(".dir")
     stored = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="dvc-store/").get("Contents", [])]
-    assert len(stored) == 33 + 1  # every file plus the directory listing object
+    assert len(stored) == 34 + 1  # every file (synth's result.json included) plus the directory listing object
 
     shutil.rmtree(repo / "data")
     shutil.rmtree(repo / ".dvc" / "cache")

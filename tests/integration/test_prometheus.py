@@ -156,6 +156,13 @@ def test_a_step_succeeds_with_the_gateway_stopped_and_warns_once(tiny_data, tmp_
 # --------------------------------------------------------------------------- Prometheus scrapes training
 
 
+def scraping(prometheus: Server, job: str) -> bool:
+    """Prometheus has tried to scrape ``job``'s target at least once (up or down)."""
+    body = json.loads(get(f"{prometheus.url}/api/v1/targets"))
+    return any(t["labels"].get("job") == job and not t.get("lastScrape", "0001").startswith("0001")
+               for t in body["data"]["activeTargets"])
+
+
 def query(prometheus: Server, promql: str) -> list[dict]:
     body = json.loads(get(f"{prometheus.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"))
     assert body["status"] == "success", body
@@ -193,7 +200,11 @@ def test_prometheus_scrapes_the_training_loss_and_the_pushed_result(pushgateway,
     torch.set_num_threads(1)
     try:
         assert main(["normalize", "--config", str(tiny_config), "--stage", "2", "--out", str(tmp_path / "norm")]) == 0
-        iters = 60  # ~2 s on one thread: ten scrapes
+        deadline = time.monotonic() + 30  # Prometheus scraping the (not yet listening) training port: no race
+        while not scraping(prometheus, "eupe-train"):
+            assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-2000:]
+            time.sleep(0.1)
+        iters = 120  # ~4 s on one thread: about twenty scrapes
         assert main(["train", "--config", str(tiny_config), "--stage", "2", "--norm", str(tmp_path / "norm" / "norm.safetensors"),
                      "--set", f"stage2.iters={iters}", "--set", f"stage2.checkpoint_every={iters}",
                      "--out", str(tmp_path / "stage2")]) == 0

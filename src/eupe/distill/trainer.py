@@ -188,9 +188,16 @@ def train(cfg: Config, stage: int, out: str | Path, norm: str, init: str | None 
     fp = run_fingerprint(cfg, stage, norm, init)
     rt = setup(cfg)
     try:
-        return _train(cfg, stage, st, str(out), norm, stats, init, resume, source, rt, fp)
-    finally:
+        result = _train(cfg, stage, st, str(out), norm, stats, init, resume, source, rt, fp)
+    except EupeError:
+        # no teardown: destroying the process group waits on ranks that may be gone already, and torchrun
+        # stops the ranks still running as soon as one exits, so the one line comes first, then the exit
+        raise
+    except BaseException:
         teardown()
+        raise
+    teardown()
+    return result
 
 
 def run_fingerprint(cfg: Config, stage: int, norm: str, init: str | None) -> dict:
