@@ -27,7 +27,7 @@ from typing import Any
 
 from airflow.sdk import DAG, AssetAlias, Param, TriggerRule
 
-from components.airflow_params import dag_params
+from components.airflow_params import dag_params, with_defaults
 from components.airflow_tasks import EupeStepOperator, Settings, dataset_asset
 from components.graph import Pipeline, Step
 
@@ -49,17 +49,8 @@ def build_dag(pipeline: Pipeline, schedule=None, params: dict[str, Param] | None
     after promote. ``params``: the DAG's Params (default :func:`components.airflow_params.dag_params`: every
     pipeline parameter as a string)."""
     s = settings or Settings.load()
-    params = dag_params(pipeline) if params is None else dict(params)
-    for name, default in s.param_defaults(pipeline.name).items():  # the deployment's defaults (the chart's)
-        if default in (None, ""):
-            continue  # not set: the pipeline's own default
-        if name not in params:
-            raise ValueError(f"Airflow Variable eupe_params: {pipeline.name} has no parameter {name!r} "
-                             f"(has {sorted(params)})")
-        schema = dict(params[name].schema)
-        kinds = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
-        value = int(default) if "integer" in kinds else float(default) if "number" in kinds else str(default)
-        params[name] = Param(value, **schema)
+    params = with_defaults(dag_params(pipeline) if params is None else params, s.param_defaults(pipeline.name),
+                           pipeline.name)  # the deployment's defaults (the chart's eupe_params)
     cluster = s.mode == "cluster"
     if cluster:
         from components import airflow_pod  # the Kubernetes client: only in cluster mode

@@ -51,6 +51,22 @@ def _string(name: str, default) -> Param:
     return Param(str(default), type="string", title=name, description=DOCS[name])
 
 
+def with_defaults(params: dict[str, Param], defaults: dict, pipeline: str) -> dict[str, Param]:
+    """``params`` with other defaults (empty ones leave a Param as it is), of the Param's own type; a name the
+    DAG has no Param for is refused."""
+    params = dict(params)
+    for name, default in defaults.items():
+        if default in (None, ""):
+            continue
+        if name not in params:
+            raise ValueError(f"Airflow Variable eupe_params: {pipeline} has no parameter {name!r} (has {sorted(params)})")
+        schema = dict(params[name].schema)
+        kinds = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+        value = int(default) if "integer" in kinds else float(default) if "number" in kinds else str(default)
+        params[name] = Param(value, **schema)
+    return params
+
+
 def dag_params(pipeline: Pipeline) -> dict[str, Param]:
     """Every parameter of the pipeline as a string Param with its description, and ``run_name``."""
     params = {name: _string(name, default) for name, default in pipeline.params.items() if name in DOCS}

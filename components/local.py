@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from unittest import mock
 from pathlib import Path
 
 from components.graph import PIPELINES, Pipeline
@@ -39,16 +40,8 @@ def execute(argv: list[str], in_process: bool = False, labels: dict[str, str] | 
     if in_process:
         from eupe.cli import main
 
-        before = {k: os.environ.get(k) for k in labels or {}}
-        os.environ.update(labels or {})
-        try:
+        with mock.patch.dict(os.environ, labels or {}):  # set for this step, restored after it
             return main(argv)
-        finally:
-            for k, v in before.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     return subprocess.run([*eupe_command(), *argv], stdin=subprocess.DEVNULL,
                           env={**os.environ, **(labels or {})}).returncode
 

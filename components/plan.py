@@ -1,8 +1,8 @@
 """Fan-out planners: the elements a step is mapped over, computed when the run reaches it.
 
 ``export`` runs once per (resolution, dtype) of the recipe's ``export`` section; ``latency`` once per
-exported ``.pte`` and device class; ``version_checkpoints`` once per trained stage. Airflow maps its tasks over these lists (dynamic task mapping),
-the local runner loops over them.
+exported ``.pte`` and device class; ``version_checkpoints`` once per trained stage. Airflow maps its tasks
+over these lists (dynamic task mapping), the local runner loops over them.
 """
 
 from __future__ import annotations

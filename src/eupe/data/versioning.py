@@ -78,10 +78,9 @@ def _out_entry(f: Path) -> dict[str, Any]:
 
 def standalone_repo(folder: str | Path, project: Path | None = None) -> Path:
     """A DVC repository without git at ``folder`` (created when missing) that shares the remotes and the
-    cache of the ``project`` DVC repository (default: the one holding the working directory). Callers hold
-    :func:`repo_lock`. It is how
+    cache of the ``project`` DVC repository (default: the one holding the working directory). It is how
     outputs in git-ignored folders, a run's checkpoints under ``artifacts/``, get a ``.dvc`` file: git would
-    refuse one there, and a scheduled run commits nothing to git anyway."""
+    refuse one there, and a scheduled run commits nothing to git anyway. Callers hold :func:`repo_lock`."""
     root = Path(folder).absolute()
     config_file = root / ".dvc" / "config"
     if config_file.is_file() and "[cache]" in config_file.read_text():  # set up (the config is written last)
@@ -161,8 +160,7 @@ def _track(target: Path, dvc_file: str | None, remote: str | None) -> dict[str, 
             "path": str(target), "remote": remote or "default"}
 
 
-def pull(path: str | Path, remote: str | None = None, dvc_file: str | None = None,
-         repo: str | Path | None = None, like: str | Path | None = None) -> dict[str, Any]:
+def pull(path: str | Path, remote: str | None = None, dvc_file: str | None = None) -> dict[str, Any]:
     """Restore ``path`` from the remote (``dvc pull`` of its ``.dvc`` file); returns its hash."""
     target = Path(path)
     repo = find_repo(target.parent if not target.exists() else target)
@@ -188,11 +186,12 @@ def _run(step: str, args: argparse.Namespace, action) -> None:
     if args.out:
         inputs = {"path": args.path} if step == "data-version" else {"dvc_file": args.dvc_file or f"{args.path}.dvc"}
         run = StepRun(args.out, step, fingerprint(step, inputs, remote=args.remote, dvc_file=args.dvc_file,
-                                                  repo=args.repo))
+                                                  repo=getattr(args, "repo", None)))
         if run.done:
             print(run.done["metrics"]["hash"])
             return
-    info = action(args.path, args.remote, args.dvc_file, args.repo, args.like)
+    extra = (args.repo, args.like) if step == "data-version" else ()  # a pull finds the repository holding --path
+    info = action(args.path, args.remote, args.dvc_file, *extra)
     if run is not None:
         run.finish({k: info[k] for k in ("hash", "size", "nfiles", "remote")},
                    {"path": info["path"], "dvc_file": info["dvc_file"]})
@@ -217,9 +216,10 @@ def register(data: argparse._SubParsersAction) -> None:
         p.add_argument("--path", required=True, help="directory (or file) inside a DVC repository, e.g. data")
         p.add_argument("--remote", help="DVC remote name (default: the repository's default remote)")
         p.add_argument("--dvc-file", help="where the .dvc file goes (default: <path>.dvc; needed when that is git-ignored)")
-        p.add_argument("--repo", help="a folder that is (or becomes) a DVC repository without git, sharing the "
-                       "remotes and cache of the working directory's: for paths in git-ignored folders")
-        p.add_argument("--like", metavar="PATH", help="with --repo: share the remotes and cache of the DVC "
-                       "repository holding PATH (default: the working directory's)")
+        if name == "version":
+            p.add_argument("--repo", help="a folder that is (or becomes) a DVC repository without git, sharing "
+                           "the remotes and cache of the working directory's: for paths in git-ignored folders")
+            p.add_argument("--like", metavar="PATH", help="with --repo: share the remotes and cache of the DVC "
+                           "repository holding PATH (default: the working directory's)")
         p.add_argument("--out", required=name == "version", help="folder for result.json")
         p.set_defaults(func=func)

@@ -12,8 +12,8 @@ Checkpoints older than the last ``keep`` are removed from the bucket as they are
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import shutil
 from pathlib import Path
 
 from eupe import storage
@@ -44,23 +44,20 @@ class CheckpointMirror:
         latest_uri = f"{self.remote}/{LATEST}"
         if not storage.exists(latest_uri):
             return
-        name = storage.read_json(latest_uri)["path"]
+        marker = storage.read_bytes(latest_uri)  # checkpoint.save's own latest.json, as push uploaded it
+        name = json.loads(marker)["path"]
         local = checkpoint.latest(ckpt_dir)
         if local is not None and local.name >= name:
             return
         log.info("--resume: fetching %s/%s into %s", self.remote, name, ckpt_dir)
         storage.download_dir(f"{self.remote}/{name}", ckpt_dir / name)
-        storage.write_json(str(ckpt_dir / LATEST), {"step": int(name.removeprefix("step_")), "path": name})
+        storage.write_bytes(str(ckpt_dir / LATEST), marker)
 
     def push(self, checkpoint_dir: Path, keep: set[str]) -> None:
-        """Upload one saved checkpoint, point the bucket's ``latest.json`` at it, drop the ones not kept."""
+        """Upload one saved checkpoint, then the ``latest.json`` naming it, and drop the ones not kept."""
         storage.upload_dir(checkpoint_dir, self.uri(checkpoint_dir))
-        storage.write_json(f"{self.remote}/{LATEST}",
-                           {"step": int(checkpoint_dir.name.removeprefix("step_")), "path": checkpoint_dir.name})
+        storage.write_bytes(f"{self.remote}/{LATEST}", (checkpoint_dir.parent / LATEST).read_bytes())
         for uri in storage.list_uris(self.remote):
             name = uri[len(self.remote) + 1:].split("/", 1)[0]
             if name.startswith("step_") and name not in keep:
                 storage.delete(uri)
-
-    def clear(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
