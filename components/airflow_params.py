@@ -36,6 +36,10 @@ DOCS = {
                 "Airflow run id. An earlier run's name continues it: its finished steps are up to date.",
 }
 
+# A fine-tune has no stage 1: the proxy it distils is a trained one, from this field or the config's proxy.weights.
+FINETUNE_PROXY = ("The trained proxy the student is distilled from (its encoder.safetensors, local or s3://). "
+                  "Required unless the config sets proxy.weights: a fine-tune never distils a random proxy.")
+
 
 def device_classes(path: Path = BUDGETS) -> list[str]:
     import yaml
@@ -43,12 +47,13 @@ def device_classes(path: Path = BUDGETS) -> list[str]:
     return list(yaml.safe_load(path.read_text())["device_classes"])
 
 
-def _string(name: str, default) -> Param:
+def _string(name: str, default, description: str | None = None) -> Param:
     """A text field; one without a default may stay empty (Airflow's form requires every field whose type
     does not admit null), and reaches the pipeline as None: not set."""
+    description = description or DOCS[name]
     if default in (None, ""):
-        return Param(None, type=["null", "string"], title=name, description=DOCS[name])
-    return Param(str(default), type="string", title=name, description=DOCS[name])
+        return Param(None, type=["null", "string"], title=name, description=description)
+    return Param(str(default), type="string", title=name, description=description)
 
 
 def with_defaults(params: dict[str, Param], defaults: dict, pipeline: str) -> dict[str, Param]:
@@ -103,7 +108,7 @@ def finetune_form(pipeline: Pipeline) -> dict[str, Param]:
                             title="Model name", description="The domain's own name in the registry: "
                                                             "models/<name>/<version>/ (letters, digits, _ . -)."),
         "config": _string("config", d["config"]),
-        "proxy": _string("proxy", d["proxy"]),
+        "proxy": _string("proxy", d["proxy"], FINETUNE_PROXY),
         "budget_model": _string("budget_model", d["budget_model"]),
         "baseline": _string("baseline", d["baseline"]),
         "run_name": _string("run_name", ""),

@@ -93,7 +93,8 @@ class Pipeline:
 CONFIG = ("--config", "{param:config}")
 DATA = ("--data", "{param:dataset_uri}")
 PROXY = ("--proxy", "{param:proxy|train_stage1:encoder}")  # a reused proxy, or the one stage 1 trained
-PUBLISHED_PROXY = ("--proxy", "{param:proxy}")  # a fine-tune distils a proxy trained before (or the config's)
+PUBLISHED_PROXY = ("--proxy", "{param:proxy}")  # a fine-tune distils a proxy trained before (or the config's
+# proxy.weights); with neither, its stage-2/3 steps refuse in one line (no silent random proxy)
 GPU_TRAIN = Resources(cpu="8", memory="64Gi", gpus=8)
 
 

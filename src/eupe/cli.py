@@ -25,11 +25,15 @@ from eupe.registry import commands as registry_commands
 STEP_COMMANDS: list = [evaluate_commands, export_commands, registry_commands]
 
 
+RANDOM_PROXY_HELP = ("stages 2-3 without proxy weights (--proxy, proxy.weights): distil a randomly initialised proxy "
+                     "(tests; never what you want)")
+
+
 def cmd_normalize(args: argparse.Namespace) -> None:
     from eupe.distill.normalize import run_normalize
 
     cfg = load(args, input_overrides(args))
-    result = run_normalize(cfg, args.stage, args.out, manifest=args.manifest)
+    result = run_normalize(cfg, args.stage, args.out, manifest=args.manifest, random_proxy=args.random_proxy)
     print(result["artifacts"]["stats"])
 
 
@@ -37,7 +41,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from eupe.distill.trainer import train
 
     cfg = load(args, input_overrides(args))
-    result = train(cfg, args.stage, args.out, norm=args.norm, init=args.init, resume=args.resume)
+    result = train(cfg, args.stage, args.out, norm=args.norm, init=args.init, resume=args.resume,
+                   random_proxy=args.random_proxy, from_scratch=args.from_scratch)
     if result:
         m = result["metrics"]
         print(f"stage{args.stage}: loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}, {m['images_per_s']:.1f} img/s, "
@@ -74,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy", help="proxy weights for stages 2 and 3 (overrides proxy.weights)")
     p.add_argument("--manifest", help="manifest.parquet of --data (eupe data scan): draw the batch stratified by "
                                       "domain and class, without undecodable files and outliers")
+    p.add_argument("--random-proxy", action="store_true", help=RANDOM_PROXY_HELP)
     p.add_argument("--out", required=True, help="output folder (norm.safetensors, result.json)")
     p.set_defaults(func=cmd_normalize)
 
@@ -83,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset URI (overrides data.root)")
     p.add_argument("--norm", required=True, help="norm.safetensors from `eupe normalize` for this stage")
     p.add_argument("--proxy", help="proxy weights for stages 2 and 3 (overrides proxy.weights)")
-    p.add_argument("--init", help="checkpoint to start from (stage 3: the stage-2 model.safetensors)")
+    p.add_argument("--init", help="checkpoint to start from (required by stage 3: a stage-2 checkpoint's model.safetensors)")
+    p.add_argument("--random-proxy", action="store_true", help=RANDOM_PROXY_HELP)
+    p.add_argument("--from-scratch", action="store_true",
+                   help="stage 3 without --init: train a randomly initialised student (tests; never what you want)")
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"], metavar="auto",
                    help="continue from the last checkpoint under --out (refused when another config or other "
                         "inputs wrote it); `--resume auto`: continue when the same ones did, else start over")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from eupe.config import Config
+
+log = logging.getLogger("eupe")
 
 
 def config_args(p: argparse.ArgumentParser) -> None:
@@ -22,10 +25,23 @@ def load(args: argparse.Namespace, extra: list | None = None) -> Config:
 
 def input_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
     """Input URIs given as flags become literal config overrides, so a step's inputs are explicit on its
-    command line: ``--data`` (replacing a configured mixture) and ``--proxy``."""
+    command line: ``--data`` and ``--proxy``. ``--data`` replaces a configured mixture (``data.sources``)
+    as a whole, with a warning naming every source it drops; leave ``--data`` out to train on the mixture."""
     extra: list[tuple[str, object]] = []
     if getattr(args, "data", None):
+        dropped = _dropped_sources(args)
+        if dropped:
+            log.warning("--data %s replaces the configured mixture: dropped data.sources %s (leave out --data to train "
+                        "on the mixture)", args.data, "; ".join(dropped))
         extra += [("data.root", args.data), ("data.sources", [])]
     if getattr(args, "proxy", None):
         extra.append(("proxy.weights", args.proxy))
     return extra
+
+
+def _dropped_sources(args: argparse.Namespace) -> list[str]:
+    """The mixture ``--data`` would replace: each configured source as ``uri (weight w, domain d)``."""
+    from eupe.config import load_config
+
+    sources = load_config(args.config, list(args.overrides)).data.sources
+    return [f"{s.uri} (weight {s.weight:g}{f', domain {s.domain}' if s.domain else ''})" for s in sources]

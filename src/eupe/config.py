@@ -29,6 +29,10 @@ class ModelSpec(_Strict):
     img_size: int = Field(default=224, gt=0)
     weights: str | None = None  # local path, s3://bucket/key, or "hub" (timm pretrained via the HF cache)
     kwargs: dict[str, Any] = Field(default_factory=dict)  # timm create_model overrides (tiny test models)
+    # The summary ("class") vector: cls (class token), pool (the model's own pooling head before any
+    # projection, e.g. PE-core's attention pool), mean (mean patch token), auto (cls if the model has one,
+    # else pool). Recorded in norm.safetensors per target so statistics and training agree.
+    summary: Literal["auto", "cls", "pool", "mean"] = "auto"
 
 
 class TeacherSpec(ModelSpec):
@@ -228,9 +232,9 @@ class LatencyConfig(_Strict):
 
 def _paper_teachers() -> list[TeacherSpec]:
     return [
-        TeacherSpec(name="pecore_g", model="vit_pe_core_gigantic_patch14_448", img_size=448),
-        TeacherSpec(name="pelang_g", model="vit_pe_lang_gigantic_patch14_448", img_size=448),
-        TeacherSpec(name="dinov3_hplus", model="vit_huge_plus_patch16_dinov3", img_size=256),
+        TeacherSpec(name="pecore_g", model="vit_pe_core_gigantic_patch14_448", img_size=448, summary="pool"),
+        TeacherSpec(name="pelang_g", model="vit_pe_lang_gigantic_patch14_448", img_size=448, summary="mean"),
+        TeacherSpec(name="dinov3_hplus", model="vit_huge_plus_patch16_dinov3", img_size=256, summary="cls"),
     ]
 
 

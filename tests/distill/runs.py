@@ -194,13 +194,13 @@ def recipe(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stage2_norm(recipe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Stage-2 statistics of a randomly initialised proxy (no --proxy): no stage 1 needed."""
+    """Stage-2 statistics of a randomly initialised proxy (--random-proxy): no stage 1 needed."""
     out = tmp_path_factory.mktemp("norm2")
-    eupe("normalize", "--config", recipe, "--stage", 2, "--out", out)
+    eupe("normalize", "--config", recipe, "--stage", 2, "--random-proxy", "--out", out)
     return out / "norm.safetensors"
 
 
 def stage2_args(recipe: Path, norm: Path, out: Path | str, iters: int, *extra: object) -> list[object]:
     """``train`` arguments of a stage-2 run checkpointing every ``RESUME_EVERY`` steps."""
-    return ["train", "--config", recipe, "--stage", 2, "--norm", norm, "--out", out,
+    return ["train", "--config", recipe, "--stage", 2, "--random-proxy", "--norm", norm, "--out", out,
             "--set", f"stage2.iters={iters}", "--set", f"stage2.checkpoint_every={RESUME_EVERY}", *extra]

@@ -87,7 +87,7 @@ def test_bf16_stage2_run_trains_to_finite_losses(tiny_config: Path, tmp_path: Pa
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        common = ["--config", str(tiny_config), "--stage", str(STAGE)]
+        common = ["--config", str(tiny_config), "--stage", str(STAGE), "--random-proxy"]
         assert main(["normalize", *common, "--out", str(tmp_path / "norm")]) == 0
         runs = {}
         for precision in ("bf16", "fp32"):

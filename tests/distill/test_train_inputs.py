@@ -26,7 +26,7 @@ def _train(cfg, norm, out, *extra):
 
 def test_norm_of_another_stage_or_model_is_refused_in_one_line(norm1, tmp_path, capsys):
     cfg, norm = norm1
-    assert _train(cfg, norm, tmp_path / "s2", "--stage", "2") == 2
+    assert _train(cfg, norm, tmp_path / "s2", "--stage", "2", "--random-proxy") == 2
     assert "has no statistics for ['proxy']" in capsys.readouterr().err
     # same target names, other widths: the statistics are not of these teachers
     assert _train(cfg, norm, tmp_path / "s1", "--stage", "1", "--set", "teachers.0.kwargs.embed_dim=64") == 2
@@ -39,9 +39,9 @@ def test_norm_computed_for_another_stage_with_the_same_targets_is_refused(norm1,
     """Stages 2 and 3 both distil the proxy (same names, same widths): only the recorded stage tells
     that stage-2 statistics (one resolution) are not stage 3's (the whole pyramid)."""
     cfg, _ = norm1
-    assert main(["normalize", "--config", str(cfg), "--stage", "2", "--out", str(tmp_path / "norm2")]) == 0
+    assert main(["normalize", "--config", str(cfg), "--stage", "2", "--random-proxy", "--out", str(tmp_path / "norm2")]) == 0
     capsys.readouterr()
-    assert _train(cfg, tmp_path / "norm2" / "norm.safetensors", tmp_path / "s3", "--stage", "3") == 2
+    assert _train(cfg, tmp_path / "norm2" / "norm.safetensors", tmp_path / "s3", "--stage", "3", "--random-proxy", "--from-scratch") == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("was computed for stage 2, not stage 3") and "\n" not in err
     assert not (tmp_path / "s3").exists()

@@ -75,12 +75,12 @@ def test_normalize_into_s3_then_train_reads_its_stats_from_the_bucket(recipe: Pa
     from eupe.cli import main
 
     norm = f"s3://{s3_bucket}/runs/r2/normalize_stage2"
-    eupe("normalize", "--config", recipe, "--stage", 2, "--out", norm)
+    eupe("normalize", "--config", recipe, "--stage", 2, "--random-proxy", "--out", norm)
     result = storage.read_json(f"{norm}/result.json")
     assert result["status"] == "ok" and result["artifacts"]["stats"] == f"{norm}/norm.safetensors"
     assert storage.exists(result["artifacts"]["stats"]) and not (Path.cwd() / "s3:").exists()
     capsys.readouterr()
-    assert main(["normalize", "--config", str(recipe), "--stage", "2", "--out", norm]) == 0
+    assert main(["normalize", "--config", str(recipe), "--stage", "2", "--random-proxy", "--out", norm]) == 0
     assert "up to date" in capsys.readouterr().out
     out = tmp_path / "train"
     eupe(*stage2_args(recipe, result["artifacts"]["stats"], out, 4))

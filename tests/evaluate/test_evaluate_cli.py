@@ -42,8 +42,8 @@ def test_evaluate_trained_student_then_gate(tiny_config: Path, dense_data: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     cfg = ["--config", str(tiny_config), "--data", str(dense_data)]
     # A real (very short) stage-3 run: its checkpoint holds the encoder and the adapters.
-    assert main(["normalize", *cfg, "--stage", "3", "--out", str(tmp_path / "norm")]) == 0
-    assert main(["train", *cfg, "--stage", "3", "--set", "stage3.iters=2", "--set", "stage3.warmup_iters=0",
+    assert main(["normalize", *cfg, "--stage", "3", "--random-proxy", "--out", str(tmp_path / "norm")]) == 0
+    assert main(["train", *cfg, "--stage", "3", "--random-proxy", "--from-scratch", "--set", "stage3.iters=2", "--set", "stage3.warmup_iters=0",
                  "--norm", str(tmp_path / "norm/norm.safetensors"), "--out", str(tmp_path / "run")]) == 0
     ckpt = next((tmp_path / "run/checkpoints").glob("step_*/model.safetensors"))
     norm = tmp_path / "norm/norm.safetensors"

@@ -199,13 +199,13 @@ def test_prometheus_scrapes_the_training_loss_and_the_pushed_result(pushgateway,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["normalize", "--config", str(tiny_config), "--stage", "2", "--out", str(tmp_path / "norm")]) == 0
+        assert main(["normalize", "--config", str(tiny_config), "--stage", "2", "--random-proxy", "--out", str(tmp_path / "norm")]) == 0
         deadline = time.monotonic() + 30  # Prometheus scraping the (not yet listening) training port: no race
         while not scraping(prometheus, "eupe-train"):
             assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-2000:]
             time.sleep(0.1)
         iters = 120  # ~4 s on one thread: about twenty scrapes
-        assert main(["train", "--config", str(tiny_config), "--stage", "2", "--norm", str(tmp_path / "norm" / "norm.safetensors"),
+        assert main(["train", "--config", str(tiny_config), "--stage", "2", "--random-proxy", "--norm", str(tmp_path / "norm" / "norm.safetensors"),
                      "--set", f"stage2.iters={iters}", "--set", f"stage2.checkpoint_every={iters}",
                      "--out", str(tmp_path / "stage2")]) == 0
         result = json.loads((tmp_path / "stage2" / "result.json").read_text())

@@ -92,7 +92,7 @@ def stop_tree(proc: subprocess.Popen) -> list[str]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny dense dataset and the tiny recipe (as tests/components/test_local_pipeline.py makes them), and
-    a base checkpoint: the recipe's student as an encoder file (the form of a published model)."""
+    a base checkpoint and a proxy: the recipe's student and proxy as encoder files (the form of published models)."""
     from safetensors.torch import save_file
 
     from eupe.config import load_config
@@ -100,10 +100,11 @@ def workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ui_workspace")
     config = pipeline_workspace(root)
-    student = build_model(load_config(config).student, "student")
     base = root / "base" / "encoder.safetensors"
-    base.parent.mkdir()
-    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(base))
+    proxy = root / "proxy" / "encoder.safetensors"  # a fine-tune distils a given proxy, never a random one
+    for path, spec in ((base, load_config(config).student), (proxy, load_config(config).proxy)):
+        path.parent.mkdir()
+        save_file({k: v.contiguous() for k, v in build_model(spec).state_dict().items()}, str(path))
     return root, config, base
 
 
@@ -177,6 +178,7 @@ def test_a_finetune_triggered_from_the_form_refuses_a_bad_lr_and_then_succeeds(a
     with capsys.disabled():
         print(f"\nAirflow UI test: server {url}, AIRFLOW_HOME {home}, screenshots in {SHOTS}")
     good = {"dataset_uri": str(data_root / "data"), "config": str(config), "base_checkpoint": str(base),
+            "proxy": str(data_root / "proxy" / "encoder.safetensors"),
             "steps": "4", "latency_budget_ms": "60000", "model_name": "ui_domain", "run_name": "ui"}
     started = time.monotonic()
 

@@ -19,10 +19,11 @@ from eupe import storage
 from eupe.config import Config
 from eupe.data.sources import ImageStream, open_data
 from eupe.data.loader import DistillImages
-from eupe.distill.targets import build_targets, check_models, target_features, target_specs
+from eupe.distill.targets import Target, build_targets, check_models, check_proxy, target_features, target_specs
 from eupe.errors import EupeError
 from eupe.distill.runtime import pick_device
 from eupe.fingerprint import data_inputs, fingerprint
+from eupe.models.features import feature_dims
 from eupe.step import StepRun
 
 _FIELDS = ("cls_mean", "cls_std", "patch_mean", "patch_std")
@@ -92,6 +93,27 @@ def load_stats(uri: str) -> tuple[dict[str, FeatureStats], dict]:
     return stats, meta
 
 
+def check_bound(targets: list[Target], stats: dict[str, FeatureStats], meta: dict, norm: str) -> None:
+    """The statistics describe these very targets, before any compute: the same feature widths, the same weights
+    (content digest), summary choice, resolutions and input sizes as recorded by ``eupe normalize``."""
+    recorded = meta.get("targets")
+    if not isinstance(recorded, dict):
+        raise EupeError(f"--norm {norm} does not record which target weights it describes (an older file): "
+                        "compute it again with eupe normalize")
+    for t in targets:
+        dims = feature_dims(t.model, min(t.resolutions))
+        if tuple(dims) != tuple(stats[t.name].dims):
+            raise EupeError(f"--norm {norm}: {t.name} has feature dims {stats[t.name].dims}, the model gives {dims}")
+        want, have = recorded.get(t.name) or {}, t.record
+        if want.get("weights") != have["weights"]:
+            raise EupeError(f"--norm {norm}: the statistics of {t.name} were computed with weights {want.get('weights')}, "
+                            f"this run's {t.name} has weights {have['weights']}: compute them again for these weights")
+        for key in ("summary", "resolutions", "input_sizes"):
+            if want.get(key) != have[key]:
+                raise EupeError(f"--norm {norm}: the statistics of {t.name} were computed with {key} {want.get(key)}, "
+                                f"this run uses {have[key]}: compute them again")
+
+
 def _manifest_batch(cfg: Config, source, manifest: str) -> tuple[list[int], dict[str, int]]:
     """Source indices of the stratified, outlier-free batch drawn from ``manifest`` (eupe data scan)."""
     from eupe.data.manifest import read_manifest
@@ -114,13 +136,16 @@ def _manifest_batch(cfg: Config, source, manifest: str) -> tuple[list[int], dict
     return [index[key(u)] for u in uris], strata_counts(df, rows)
 
 
-def run_normalize(cfg: Config, stage: int, out: str | Path, manifest: str | None = None) -> dict:
+def run_normalize(cfg: Config, stage: int, out: str | Path, manifest: str | None = None,
+                  random_proxy: bool = False) -> dict:
     """``eupe normalize``: statistics of every target of ``stage`` at each of its resolutions.
 
     The batch is ``normalization.num_images`` images: with a ``manifest`` (``eupe data scan``) a sample
     stratified by domain and class without undecodable files and outliers, otherwise a seeded
-    uniform sample of the dataset. The images used are listed in the stats' metadata."""
+    uniform sample of the dataset. The images used are listed in the stats' metadata, and, per target, what
+    the statistics describe (:attr:`Target.record`: weights digest, summary choice, resolutions, input sizes)."""
     check_models(cfg, stage)
+    check_proxy(cfg, stage, random_proxy)
     source = open_data(cfg.data, cfg.seed)
     if isinstance(source, ImageStream):
         raise EupeError(f"normalize: {cfg.data.root} streams (.tar shards); normalize needs random access: "
@@ -152,7 +177,8 @@ def run_normalize(cfg: Config, stage: int, out: str | Path, manifest: str | None
     stats = {name: acc.stats(cfg.normalization.eps) for name, acc in accs.items()}
     selection = {"selection": "manifest-stratified" if manifest else "random", "manifest": manifest, "strata": strata}
     meta = {"stage": stage, "num_images": n, "images": [source.uri(i) for i in indices],
-            "resolutions": {t.name: t.resolutions for t in targets}, **selection}
+            "resolutions": {t.name: t.resolutions for t in targets}, "targets": {t.name: t.record for t in targets},
+            **selection}
     with run.staging() as tmp:
         save_stats(str(tmp / STATS_FILE), stats, meta)
     dims = {name: {"cls": s.dims[0], "patch": s.dims[1]} for name, s in stats.items()}

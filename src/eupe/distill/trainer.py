@@ -30,10 +30,10 @@ from eupe.data.loader import StepBatchSampler, sample_seed, step_loader
 from eupe.distill import checkpoint
 from eupe.distill.loss import distill_loss
 from eupe.distill.mirror import CheckpointMirror
-from eupe.distill.normalize import FeatureStats, load_stats
+from eupe.distill.normalize import FeatureStats, check_bound, load_stats
 from eupe.distill.runtime import Runtime, setup, teardown, warmup_cosine
-from eupe.distill.targets import (Target, build_targets, check_models, model_inputs, prepare, student_spec,
-                                  target_features, target_specs)
+from eupe.distill.targets import (Target, build_targets, check_init, check_models, check_proxy, model_inputs,
+                                  prepare_for, student_spec, target_features, target_specs)
 from eupe.errors import EupeError
 from eupe.fingerprint import data_inputs, fingerprint
 from eupe.step import StepRun
@@ -123,7 +123,7 @@ def micro_step(ddp: nn.Module, targets: list[Target], stats: dict[str, FeatureSt
     (gradients add up to the global-batch mean). ``sync=False`` keeps DDP from all-reducing yet."""
     with rt.autocast():
         grids, normed = target_batch(targets, stats, images, sizes)
-    x = prepare(images, sizes["student"], *student_norm)
+    x = prepare_for(getattr(ddp, "module", ddp).encoder, images, sizes["student"], *student_norm)
     with (ddp.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
         loss, parts = student_loss(ddp, x, grids, normed, targets, loss_cfg)
         loss = loss / accum
@@ -151,10 +151,13 @@ def accumulation(st: StageConfig, stage: int, world_size: int = 1) -> int:
     return per_rank // st.micro_batch_size
 
 
-def preflight(cfg: Config, stage: int, norm: str, init: str | None) -> dict[str, FeatureStats]:
+def preflight(cfg: Config, stage: int, norm: str, init: str | None, random_proxy: bool = False,
+              from_scratch: bool = False) -> tuple[dict[str, FeatureStats], dict]:
     """Every input named by the run exists and fits, before any model is built or any file written.
-    Returns the frozen statistics (checked: one entry per target, computed for this stage)."""
+    Returns the frozen statistics (checked: one entry per target, computed for this stage) and their metadata."""
     check_models(cfg, stage)
+    check_proxy(cfg, stage, random_proxy)
+    check_init(stage, init, from_scratch)
     accumulation(cfg.stage(stage), stage)
     if not storage.exists(norm):
         raise EupeError(f"--norm: normalization stats not found: {norm}")
@@ -166,29 +169,22 @@ def preflight(cfg: Config, stage: int, norm: str, init: str | None) -> dict[str,
         raise EupeError(f"--norm {norm} has no statistics for {missing} (has {sorted(stats)})")
     if meta.get("stage", stage) != stage:
         raise EupeError(f"--norm {norm} was computed for stage {meta['stage']}, not stage {stage}")
-    return stats
-
-
-def check_dims(targets: list[Target], stats: dict[str, FeatureStats], norm: str, size: int) -> None:
-    """The statistics were computed on these very targets (same feature widths)."""
-    for t in targets:
-        dims = feature_dims(t.model, size)
-        if tuple(dims) != tuple(stats[t.name].dims):
-            raise EupeError(f"--norm {norm}: {t.name} has feature dims {stats[t.name].dims}, the model gives {dims}")
+    return stats, meta
 
 
 def train(cfg: Config, stage: int, out: str | Path, norm: str, init: str | None = None,
-          resume: bool | str = False) -> dict:
+          resume: bool | str = False, random_proxy: bool = False, from_scratch: bool = False) -> dict:
     """One stage into ``out``. ``resume``: continue from the last checkpoint under ``out`` (refused when it was
     written with other inputs or config); ``"auto"`` (what the pipelines pass): continue when it was written by
-    the same inputs and config, else start over."""
+    the same inputs and config, else start over. Stages 2-3 need proxy weights and stage 3 ``init`` unless
+    ``random_proxy`` / ``from_scratch`` say otherwise on purpose."""
     st = cfg.stage(stage)
-    stats = preflight(cfg, stage, norm, init)
+    stats, meta = preflight(cfg, stage, norm, init, random_proxy, from_scratch)
     source = open_data(cfg.data, cfg.seed)  # data.sources mixed by weight, or data.root
     fp = run_fingerprint(cfg, stage, norm, init)
     rt = setup(cfg)
     try:
-        result = _train(cfg, stage, st, str(out), norm, stats, init, resume, source, rt, fp)
+        result = _train(cfg, stage, st, str(out), norm, (stats, meta), init, resume, source, rt, fp)
     except EupeError:
         # no teardown: destroying the process group waits on ranks that may be gone already, and torchrun
         # stops the ranks still running as soon as one exits, so the one line comes first, then the exit
@@ -213,7 +209,19 @@ def _same_run(a: dict | None, b: dict) -> bool:
     return a is None or {k: v for k, v in a.items() if k != "code"} == {k: v for k, v in b.items() if k != "code"}
 
 
-def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, fp: dict) -> dict:
+def _resume_mismatch(state: dict, fp: dict, norm_digest: str, norm: str) -> str | None:
+    """Why a checkpoint's run is not this one, or None: first its statistics (both digests named), then any
+    other input or the config."""
+    trained = state.get("norm")
+    if trained is not None and trained != norm_digest:
+        return f"was trained with normalization statistics {trained}, --norm {norm} is {norm_digest}"
+    if not _same_run(state.get("fingerprint"), fp):
+        return "was written by a run with other inputs or config"
+    return None
+
+
+def _train(cfg, stage, st, out, norm, stats_meta, init, resume, source, rt: Runtime, fp: dict) -> dict:
+    stats, meta = stats_meta
     torch.manual_seed(cfg.seed)
     accum = accumulation(st, stage, rt.world_size)
     run = StepRun(out, f"train-stage{stage}", fp, main=rt.is_main)
@@ -221,10 +229,30 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, 
         return run.done if rt.is_main else {}
     mirror = CheckpointMirror(out, rt.rank) if storage.is_s3(out) else None  # s3://: a local folder, mirrored
     work = mirror.work if mirror else Path(out)
+    norm_digest = fp["inputs"]["norm"]["digest"]  # recorded in every checkpoint
+
+    # --- resume: which checkpoint, if any, this run continues (before any model is built) ----------
+    ckpt_dir = work / "checkpoints"
+    if mirror is not None and resume:
+        mirror.restore(ckpt_dir)
+    last = checkpoint.latest(ckpt_dir) if resume else None
+    if resume and last is None:
+        log.info("--resume: no complete checkpoint under %s yet, starting from step 0", ckpt_dir)
+    state = checkpoint.load(last) if last is not None else None
+    if state is not None:
+        why = _resume_mismatch(state[1], fp, norm_digest, norm)
+        if why and resume != "auto":
+            raise EupeError(f"--resume: {last} {why}; train into another --out, remove its checkpoints, or pass "
+                            "--resume auto to start over")
+        if why:
+            log.info("--resume auto: %s %s: starting from step 0 (its checkpoints are replaced at this run's "
+                     "first save)", last, why)
+            last = state = None
+    fresh = last is None  # an older run's checkpoints stay until this run has saved its first one
 
     # --- models: frozen targets, their frozen statistics, the student and its adapters -------------
     targets = build_targets(cfg, stage, rt.device)
-    check_dims(targets, stats, norm, min(r for t in targets for r in t.resolutions))
+    check_bound(targets, stats, meta, norm)
     model = build_distill_model(cfg, stage, stats, targets)
     if init is not None:  # stage 3 continues the stage-2 encoder and adapters
         load_init(model, init)
@@ -232,24 +260,7 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, 
     student_norm = model_inputs(model.encoder, rt.device)  # the student's input mean/std
     ddp = DistributedDataParallel(model) if rt.world_size > 1 else model
     opt, sched = build_optimizer(model, st)
-
-    # --- resume ----------------------------------------------------------------------------------
-    ckpt_dir = work / "checkpoints"
     history, start = History(), 0
-    if mirror is not None and resume:
-        mirror.restore(ckpt_dir)
-    last = checkpoint.latest(ckpt_dir) if resume else None
-    if resume and last is None:
-        log.info("--resume: no complete checkpoint under %s yet, starting from step 0", ckpt_dir)
-    state = checkpoint.load(last) if last is not None else None
-    if state is not None and not _same_run(state[1].get("fingerprint"), fp):
-        if resume != "auto":
-            raise EupeError(f"--resume: {last} was written by a run with other inputs or config; train into "
-                            "another --out, remove its checkpoints, or pass --resume auto to start over")
-        log.info("--resume auto: %s was written by a run with other inputs or config: starting from step 0 "
-                 "(its checkpoints are replaced at this run's first save)", last)
-        last = state = None
-    fresh = last is None  # an older run's checkpoints stay until this run has saved its first one
     if state is not None:
         weights, state = state
         model.load_state_dict(weights)
@@ -306,7 +317,7 @@ def _train(cfg, stage, st, out, norm, stats, init, resume, source, rt: Runtime, 
             if rt.is_main:
                 last_ckpt = checkpoint.save(ckpt_dir, step + 1, model.state_dict(), {
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": checkpoint.rng_state(), "history": history.__dict__, "fingerprint": fp,
+                    "rng": checkpoint.rng_state(), "history": history.__dict__, "fingerprint": fp, "norm": norm_digest,
                 }, first=fresh)
                 if mirror is not None:
                     mirror.push(last_ckpt, keep={p.name for p in ckpt_dir.glob("step_*")})

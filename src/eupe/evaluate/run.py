@@ -23,9 +23,9 @@ from tqdm import tqdm
 from eupe import storage
 from eupe.config import Config, ModelSpec
 from eupe.data.folder import ImageSource
-from eupe.distill.normalize import load_stats
+from eupe.distill.normalize import check_bound, load_stats
 from eupe.distill.runtime import Runtime, setup, teardown
-from eupe.distill.targets import build_targets, model_inputs, prepare, target_specs
+from eupe.distill.targets import build_targets, model_inputs, prepare_for, target_specs
 from eupe.errors import EupeError, GateFailed
 from eupe.evaluate import gate, knn, probes, report
 from eupe.evaluate.data import EvalImages, Split, available_labels, open_image_folder, split
@@ -119,7 +119,7 @@ def encode(model: torch.nn.Module, loader: DataLoader, rt: Runtime, size: int, k
     grid, skipped = None, 0
     for batch in tqdm(loader, desc=desc, unit="batch", mininterval=2):
         with rt.autocast():
-            f = extract_features(model, prepare(batch["image"], size, mean, std))
+            f = extract_features(model, prepare_for(model, batch["image"], size, mean, std))
         grid, skipped = f.grid, skipped + int(batch["skipped"].sum())
         parts["cls"].append(f.cls.float().cpu())
         parts["patches"].append(f.patches.half().cpu())
@@ -182,7 +182,7 @@ def _keypoints(cfg: Config, model: torch.nn.Module, held: Encoded, rt: Runtime, 
         h = random_homographies(images.shape[0], size, cfg.eval.warp_strength, g)
         warped = warp_images(images, h)
         with rt.autocast():
-            dst = extract_features(model, prepare(warped, size, mean, std))
+            dst = extract_features(model, prepare_for(model, warped, size, mean, std))
         src_valid = None
         if held.masks is not None:
             values = sample_mask(held.masks[start : start + images.shape[0]], cell_centres(held.grid, (size, size)), (size, size))
@@ -197,8 +197,9 @@ def _keypoints(cfg: Config, model: torch.nn.Module, held: Encoded, rt: Runtime, 
 
 
 def _fidelity(cfg: Config, inputs: Inputs, held: Encoded, rt: Runtime, size: int) -> tuple[dict, dict]:
-    stats, _ = load_stats(inputs.norm)
+    stats, meta = load_stats(inputs.norm)
     targets = build_targets(cfg, inputs.stage, rt.device)
+    check_bound(targets, stats, meta, inputs.norm)  # the statistics describe these very targets
     names = [t.name for t in targets]
     adapters = build_adapters(inputs.checkpoint, inputs.adapters, stats, (held.cls.shape[-1], held.patches.shape[-1]))
     sums = {n: torch.zeros(2) for n in names}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import timm
@@ -12,6 +13,7 @@ from torch import nn
 from eupe import storage
 from eupe.config import ModelSpec
 from eupe.errors import EupeError
+from eupe.models.features import SUMMARY_ATTR, resolve_summary
 
 # The paper's student family; any other timm name is accepted as is.
 STUDENTS: dict[str, str] = {
@@ -56,6 +58,11 @@ def build_model(spec: ModelSpec, field: str = "model") -> nn.Module:
         if not any(k in str(e) for k in _VIT_KWARGS):
             raise EupeError(f"{field}.kwargs: {e}") from None
         model = timm.create_model(name, pretrained=spec.weights == "hub", **kwargs)  # CNNs: any size as is
+    setattr(model, SUMMARY_ATTR, spec.summary)  # extract_features takes the summary vector this way
+    try:
+        resolve_summary(model)
+    except ValueError as e:
+        raise EupeError(f"{field}.summary: {e}") from None
     if spec.weights and spec.weights != "hub":
         load_weights(model, spec.weights, field)
     return model
@@ -108,3 +115,14 @@ def input_norm(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean/std the model family was trained with (PE: 0.5/0.5, DINOv3 and ConvNeXt: ImageNet)."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of a model's weights as loaded (names, dtypes, shapes, bytes): the same for a file, the hub or
+    a seeded random initialisation, and different as soon as one tensor differs."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()
