@@ -33,9 +33,12 @@ def _run_once(out: str, fp: dict, payload: bytes = b"v1") -> dict:
 
 def test_publishes_staged_names_only_and_writes_result_last(tmp_path: Path) -> None:
     out = tmp_path / "out"
+    StepRun(str(out), "demo-step", {"k": 0})  # a run that claimed out, then was killed ...
+    assert json.loads((out / ".eupe-step").read_text()) == {"step": "demo-step"}
     (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "step_1.bin").write_bytes(b"keep me")  # not this step's output: must survive
+    (out / "checkpoints" / "step_1.bin").write_bytes(b"keep me")  # ... after writing outside staging: must survive
     result = _run_once(str(out), {"k": 1})
+    assert not (out / ".eupe-step").exists()  # result.json names the step from now on
     assert result["status"] == "ok" and result["fingerprint"] == {"k": 1}
     assert (out / "model.bin").read_bytes() == b"v1" and (out / "plots" / "a.png").is_file()
     assert (out / "checkpoints" / "step_1.bin").read_bytes() == b"keep me"
@@ -105,11 +108,13 @@ with run.staging() as tmp:
 
 def test_the_same_mechanism_on_s3(s3_bucket: str) -> None:
     out = f"s3://{s3_bucket}/runs/r1/step"
+    StepRun(out, "demo-step", {"k": 0})  # claimed, then killed after a write outside staging
     storage.write_bytes(f"{out}/checkpoints/step_1.bin", b"keep me")
     first = _run_once(out, {"k": 1})
     assert storage.read_bytes(f"{out}/model.bin") == b"v1" and storage.read_bytes(f"{out}/plots/a.png") == b"png"
     assert storage.read_bytes(f"{out}/checkpoints/step_1.bin") == b"keep me"
     assert storage.read_json(f"{out}/result.json")["artifacts"]["model"] == f"{out}/model.bin"
+    assert not storage.exists(f"{out}/.eupe-step")
     assert _run_once(out, {"k": 1}, payload=b"x")["finished_at"] == first["finished_at"]
     StepRun(out, "demo-step", {"k": 2})  # other inputs: the stale result goes first
     assert not storage.exists(f"{out}/result.json")
@@ -134,3 +139,77 @@ def test_fingerprint_follows_content_not_names(tmp_path: Path, s3_bucket: str) -
     assert one.startswith("etag:") and digest(f"s3://{s3_bucket}/d/").startswith("listing:")
     with pytest.raises(EupeError, match="input not found"):
         digest(str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------- what --out may hold
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_no_run_of_the_step_wrote_is_refused_untouched(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "cats").mkdir(parents=True)
+    (data / "cats" / "1.jpg").write_bytes(b"jpg")
+    (data / "notes.txt").write_text("mine")
+    before = _snapshot(data)
+    with pytest.raises(EupeError, match=r"is not empty \(cats, notes.txt\) and no run of step 'demo-step' wrote it"):
+        _run_once(str(data), {"k": 1})
+    assert _snapshot(data) == before and sorted(p.name for p in data.iterdir()) == ["cats", "notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run_once(str(empty), {"k": 1})["status"] == "ok"  # an empty folder is fine
+
+
+def test_another_steps_claim_is_refused_and_a_killed_run_of_the_same_step_continues(tmp_path: Path) -> None:
+    out = tmp_path / "train"
+    StepRun(str(out), "train-stage1", {"k": 1})  # claimed, then killed after its first checkpoint
+    (out / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000004" / "state.pt").write_bytes(b"state")
+    before = _snapshot(out)
+    with pytest.raises(EupeError, match=r"is being written by step 'train-stage1' \(\.eupe-step\), not 'export'"):
+        StepRun(str(out), "export", {"k": 1})
+    assert _snapshot(out) == before
+    run = StepRun(str(out), "train-stage1", {"k": 1})  # the rerun (--resume) is its own
+    assert run.done is None and _snapshot(out) == before
+
+
+def test_out_below_a_file_and_an_s3_object_are_refused(tmp_path: Path, s3_bucket: str) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(EupeError, match=rf"--out {afile}/sub: {afile} is a file, not a folder"):
+        StepRun(str(afile / "sub"), "demo-step")
+    assert afile.read_text() == "x"
+    storage.write_bytes(f"s3://{s3_bucket}/runs/obj", b"keep")
+    with pytest.raises(EupeError, match="is an object, not a prefix"):
+        StepRun(f"s3://{s3_bucket}/runs/obj", "demo-step")
+    with pytest.raises(EupeError, match=r"malformed s3 URI"):
+        StepRun(f"s3://{s3_bucket}//tmp/x", "demo-step")
+
+
+def test_an_s3_prefix_no_run_of_the_step_wrote_is_refused_untouched(s3_bucket: str) -> None:
+    out = f"s3://{s3_bucket}/datasets/lvd"
+    storage.write_bytes(f"{out}/shard-000000.tar", b"tar")
+    with pytest.raises(EupeError, match=r"is not empty \(shard-000000.tar\) and no run of step 'demo-step'"):
+        _run_once(out, {"k": 1})
+    assert storage.list_uris(out) == [f"{out}/shard-000000.tar"]
+
+
+def test_every_leftover_of_a_killed_run_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _run_once(str(out), {"k": 1})
+    leftovers = [  # what a kill leaves at each temporary write of eupe.storage and of the staging
+        out / ".demo-step.staging-4242-0123abcd" / "model.bin",  # a staging folder
+        out / ".result.json.tmp-a1b2_c3d" ,  # a file half-written by storage.write_bytes (mkstemp)
+        out / ".plots.old-4242-89abcdef" / "a.png",  # a folder moved aside by publish_files
+        out / "checkpoints" / "step_00000008.tmp-4242-fedcba98" / "state.pt",  # a checkpoint by atomic_dir
+        out / "checkpoints" / ".latest.json.tmp-zz99zz99",
+    ]
+    for p in leftovers:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    (out / "checkpoints" / "step_00000004").mkdir()
+    _run_once(str(out), {"k": 2})
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "checkpoints", "checkpoints/step_00000004", "model.bin", "plots", "plots/a.png", "result.json"]

@@ -494,3 +494,12 @@ def test_atomic_dir_refuses_a_file_in_the_way(tmp_path: Path) -> None:
             pass
     assert str(err.value) == f"not a directory: {tmp_path / 'ckpt'}"
     assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_read_json_of_a_binary_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    for name, data in (("utf16.json", b"\xff\xfe\x00binary"), ("png.json", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xd8"),
+                       ("deep.json", b"[" * 100_000)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(EupeError) as err:
+            storage.read_json(tmp_path / name)
+        assert str(err.value).startswith(f"invalid JSON in {tmp_path / name}: ") and "\n" not in str(err.value)

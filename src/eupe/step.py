@@ -8,18 +8,21 @@
         write files into tmp
     return run.finish(metrics, artifacts)             # result.json, written last
 
-* ``--out`` is refused up front when it is a file, or a folder holding another step's ``result.json``;
+* ``--out`` is refused up front (one line, before any compute) when it is a file (or lies below one), when
+  it holds another step's ``result.json`` or claim, and when it is not empty but no run of this step wrote
+  it: a step only ever writes into a new or empty folder, or into its own earlier output;
+* a step that computes first claims its ``--out`` (``.eupe-step``, naming the step), so its partial output
+  (a killed training's checkpoints) stays its own; ``result.json`` replaces the claim at the end;
 * a stale ``result.json`` is dropped before the step computes, so a crash never leaves an "ok" behind;
 * publishing moves only the names the step staged (local: ``os.replace`` per name; S3: one upload per
   file) and never deletes anything else under ``--out``; ``result.json`` is the completion marker;
-* the staging folder of a killed run (``.<step>.staging-*``) is removed by the next run of the step.
+* the temporary files and folders of a killed run (its staging folder, a half-written checkpoint, a file
+  half-written by :mod:`eupe.storage`) are removed by the next run of the step.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -38,25 +41,38 @@ def _uri(out: str, name: str) -> str:
     return f"{out.rstrip('/')}/{name}"
 
 
+CLAIM_FILE = ".eupe-step"  # {"step": ...}: the step writing into this --out, until its result.json
+
+
 class StepRun:
     """One run of ``step`` into ``out`` (local folder or ``s3://`` prefix). ``main=False`` (the other ranks
-    of a torchrun job) only reads: the up-to-date check, never a write."""
+    of a torchrun job) only reads: the checks and the up-to-date check, never a write."""
 
     def __init__(self, out: str | Path, step: str, fingerprint: dict | None = None, main: bool = True):
         self.out, self.step, self.fingerprint, self.main = str(out), step, fingerprint, main
         self.metrics = metrics.begin(step, self.out) if main else None  # pushed at the end, a failure too (eupe.metrics)
-        self.local = not storage.is_s3(self.out)
-        if self.local and Path(self.out).exists() and not Path(self.out).is_dir():
-            raise EupeError(f"--out {self.out}: is a file, not a folder")
+        self.local, self.claimed = not storage.is_s3(self.out), None
+        self._check_place()
         previous = self._previous()
-        if previous is not None and previous.get("step") != step:
-            raise EupeError(f"--out {self.out} holds the output of step {previous.get('step')!r}, not {step!r}: "
-                            "each step writes to a folder of its own")
+        self._check_owner(previous)
         self.done = self._up_to_date(previous)
         if self.done is not None and self.metrics is not None:
             self.metrics.finish(self.done, up_to_date=True)
         if self.done is None and main:
             self._start()
+
+    def _check_place(self) -> None:
+        """A folder (or a place for one), not a file; on S3 a prefix, not an object."""
+        if not self.local:
+            if storage.is_object(self.out):  # split_s3 inside: a malformed key is refused too
+                raise EupeError(f"--out {self.out}: is an object, not a prefix")
+            return
+        path = Path(self.out)
+        if path.exists() and not path.is_dir():
+            raise EupeError(f"--out {self.out}: is a file, not a folder")
+        above = next((p for p in path.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise EupeError(f"--out {self.out}: {above} is a file, not a folder")
 
     def _previous(self) -> dict | None:
         uri = _uri(self.out, RESULT_FILE)
@@ -65,8 +81,35 @@ class StepRun:
         try:
             data = storage.read_json(uri)
         except EupeError:
-            return None  # unreadable: stale, replaced by this run
+            return None  # unreadable: not this step's (its result.json is written atomically)
         return data if isinstance(data, dict) else None
+
+    def _claimant(self) -> str | None:
+        uri = _uri(self.out, CLAIM_FILE)
+        try:
+            data = storage.read_json(uri) if storage.exists(uri) else None
+        except EupeError:
+            return None
+        return data.get("step") if isinstance(data, dict) and isinstance(data.get("step"), str) else None
+
+    def _check_owner(self, previous: dict | None) -> None:
+        """This step's own earlier output (its result.json or its claim), or a new or empty folder."""
+        if previous is not None:
+            if previous.get("step") != self.step:
+                raise EupeError(f"--out {self.out} holds the output of step {previous.get('step')!r}, not "
+                                f"{self.step!r}: each step writes to a folder of its own")
+            return
+        self.claimed = self._claimant()
+        if self.claimed is not None:
+            if self.claimed != self.step:
+                raise EupeError(f"--out {self.out} is being written by step {self.claimed!r} ({CLAIM_FILE}), not "
+                                f"{self.step!r}: each step writes to a folder of its own")
+            return
+        found = storage.entries(self.out, limit=4)
+        if found:
+            shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            raise EupeError(f"--out {self.out} is not empty ({shown}) and no run of step {self.step!r} wrote it: "
+                            "give a new or empty folder (a step never writes among files it does not own)")
 
     def _up_to_date(self, previous: dict | None) -> dict | None:
         if self.fingerprint is None or previous is None or previous.get("status") != "ok":
@@ -85,15 +128,19 @@ class StepRun:
             self._start()
 
     def _start(self) -> None:
+        """Claim ``out`` (before anything else is written there), drop a stale result.json, and remove what
+        a killed run of this step left half-written."""
+        if self.claimed != self.step:
+            storage.write_json(_uri(self.out, CLAIM_FILE), {"step": self.step})
+            self.claimed = self.step
         storage.delete(_uri(self.out, RESULT_FILE))
-        if self.local and Path(self.out).is_dir():
-            for leftover in Path(self.out).glob(f".{self.step}.staging-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+        if self.local:
+            storage.remove_leftovers(self.out)
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
         """A private local folder; its entries replace the same names under ``out`` when the block succeeds."""
-        name = f".{self.step}.staging-{os.getpid()}-{secrets.token_hex(4)}"
+        name = "." + storage.temp_name(self.step, "staging")
         if self.local:
             tmp = Path(self.out) / name
             tmp.mkdir(parents=True)
@@ -112,6 +159,7 @@ class StepRun:
     def finish(self, metrics: dict[str, Any], artifacts: dict[str, Any], status: str = "ok") -> dict:
         """``result.json``, last: what the step measured, where its outputs are, and its fingerprint."""
         result = write_result(self.out, self.step, metrics, artifacts, status=status, fingerprint=self.fingerprint)
+        storage.delete(_uri(self.out, CLAIM_FILE))  # result.json names the step from now on
         if self.metrics is not None:
             self.metrics.finish(result)
         return result

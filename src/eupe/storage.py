@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import boto3
@@ -30,22 +32,31 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from eupe.errors import EupeError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "SUCCESS_MARKER",
     "atomic_dir",
     "delete",
     "download_dir",
+    "entries",
     "exists",
+    "inside",
+    "is_leftover",
+    "is_object",
     "is_s3",
     "list_uris",
     "listing_digest",
     "local_copy",
     "open_read",
+    "parse_json",
     "publish_files",
     "read_bytes",
     "read_json",
+    "remove_leftovers",
     "s3_digest",
     "split_s3",
+    "temp_name",
     "upload_dir",
     "write_bytes",
     "write_json",
@@ -65,14 +76,35 @@ def is_s3(uri: PathLike) -> bool:
     return isinstance(uri, str) and uri.startswith("s3://")
 
 
+def _unsafe_key(key: str) -> bool:
+    """A key that would not stay below its bucket as a local path: an empty part (``a//b``, a leading
+    ``/``), ``.`` or ``..``. A trailing ``/`` (a prefix) and the empty key (the bucket root) are fine."""
+    parts = key.split("/")
+    if key.endswith("/"):
+        parts = parts[:-1]
+    return bool(key) and any(p in ("", ".", "..") for p in parts)
+
+
 def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/key`` -> ``("bucket", "some/key")``; the key may be empty (a bucket root)."""
+    """``s3://bucket/some/key`` -> ``("bucket", "some/key")``; the key may be empty (a bucket root).
+    A key with an empty, ``.`` or ``..`` part is refused: it would name a path outside the bucket's
+    folder once copied to local disk."""
     if not is_s3(uri):
         raise EupeError(f"not an s3:// URI: {uri!r}")
     bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket or any(c in bucket for c in " \\?#") or ".." in PurePosixPath(key).parts:
+    if not bucket or any(c in bucket for c in " \\?#"):
         raise EupeError(f"malformed s3 URI: {uri!r} (expected s3://bucket/key)")
+    if _unsafe_key(key):
+        raise EupeError(f"malformed s3 URI: {uri!r} (an empty, '.' or '..' part in the key)")
     return bucket, key
+
+
+def inside(path: PathLike, root: PathLike, what: str) -> Path:
+    """``path`` resolved, refused (one line naming both) unless it lies below ``root``."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise EupeError(f"refusing to write {what} outside {base}: {path}")
+    return resolved
 
 
 def _object(uri: str) -> tuple[str, str]:
@@ -158,15 +190,77 @@ def _atomic_write_local(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+# The temporary names this module (and eupe.step) writes under: ``<name>.<kind>-<pid>-<8 hex>`` for folders
+# (atomic_dir, publish_files, a step's staging folder) and ``.<name>.tmp-<8 of [a-z0-9_]>`` (mkstemp) for files.
+_TEMP_NAME = re.compile(r"\.(tmp|old|staging)-(\d+)-[0-9a-f]{8}$")
+_TEMP_FILE = re.compile(r"^\..+\.tmp-[a-z0-9_]{8}$")
+
+
+def temp_name(name: str, kind: str) -> str:
+    """``<name>.<kind>-<pid>-<random>``: a temporary sibling of ``name`` that :func:`is_leftover` knows."""
+    return f"{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def is_leftover(name: str) -> bool:
+    """A temporary name of this module's writers: a half-written file or folder once its writer is gone."""
+    return bool(_TEMP_NAME.search(name) or _TEMP_FILE.match(name))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_leftovers(root: PathLike) -> list[str]:
+    """Delete every temporary file or folder (:func:`is_leftover`) under the local folder ``root``, at
+    any depth: what a killed writer left. Only for a folder its caller owns (a step's ``--out``), where
+    no other writer is running. Returns the paths removed."""
+    removed = []
+    for folder, dirs, files in os.walk(root):
+        for name in [d for d in dirs if is_leftover(d)] + [f for f in files if is_leftover(f)]:
+            _remove(Path(folder) / name)
+            removed.append(os.path.join(folder, name))
+        dirs[:] = [d for d in dirs if not is_leftover(d)]
+    if removed:
+        log.info("removed %d leftovers of a killed run under %s: %s", len(removed), root, ", ".join(removed[:3]))
+    return removed
+
+
+def _dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, another user's
+    return False
+
+
+def _remove_dead_siblings(final: Path) -> None:
+    """The ``.tmp-``/``.old-`` siblings of ``final`` whose writing process is gone (killed mid-write)."""
+    try:
+        siblings = [p for p in final.parent.iterdir() if p.name.startswith(f"{final.name}.")]
+    except OSError:
+        return
+    for p in siblings:
+        m = _TEMP_NAME.search(p.name)
+        if m and p.name == f"{final.name}{m.group(0)}" and m.group(1) != "staging" and _dead(int(m.group(2))):
+            _remove(p)
+
+
 @contextmanager
 def atomic_dir(path: PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success it is renamed onto ``path``
-    (replacing an existing directory), on an exception it is removed."""
+    (replacing an existing directory), on an exception it is removed. Siblings left by a writer
+    that was killed (its process is gone) are removed first."""
     final = Path(path)
     if final.exists() and not final.is_dir():
         raise EupeError(f"not a directory: {final}")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    _remove_dead_siblings(final)
+    tmp = final.with_name(temp_name(final.name, "tmp"))
     tmp.mkdir()
     try:
         yield tmp
@@ -175,7 +269,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         raise
     old = None
     if final.exists():
-        old = final.with_name(f"{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        old = final.with_name(temp_name(final.name, "old"))
         os.rename(final, old)
     try:
         os.rename(tmp, final)
@@ -214,6 +308,51 @@ def exists(uri: PathLike) -> bool:
         raise _s3_error("read", str(uri), e) from e
     except BotoCoreError as e:
         raise _s3_error("read", str(uri), e) from e
+
+
+def is_object(uri: PathLike) -> bool:
+    """True for an existing local file (not a folder) or S3 object (not a mere prefix)."""
+    if not is_s3(uri):
+        return Path(uri).exists() and not Path(uri).is_dir()
+    bucket, key = split_s3(str(uri))
+    if not key or key.endswith("/"):
+        return False
+    try:
+        _client().head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as e:
+        if _is_not_found(e):
+            return False
+        raise _s3_error("read", str(uri), e) from e
+    except BotoCoreError as e:
+        raise _s3_error("read", str(uri), e) from e
+
+
+def entries(uri: PathLike, limit: int = 10) -> list[str]:
+    """Up to ``limit`` names directly under a local folder or S3 prefix (files and sub-folders), leaving
+    out :func:`is_leftover` names; ``[]`` when there is nothing there."""
+    if not is_s3(uri):
+        try:
+            with os.scandir(uri) as it:
+                names = (e.name for e in it if not is_leftover(e.name))
+                return sorted(n for _, n in zip(range(limit), names))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise EupeError(f"cannot list {uri}: {e.strerror or e}") from e
+    bucket, key = split_s3(str(uri))
+    prefix = _prefix(key)
+    try:
+        resp = _client().list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=limit + 1)
+    except ClientError as e:
+        if _is_not_found(e):
+            return []
+        raise _s3_error("list", str(uri), e) from e
+    except BotoCoreError as e:
+        raise _s3_error("list", str(uri), e) from e
+    names = [c["Prefix"][len(prefix) :].rstrip("/") for c in resp.get("CommonPrefixes", [])]
+    names += [o["Key"][len(prefix) :] for o in resp.get("Contents", [])]
+    return sorted(n for n in names if n and not is_leftover(n))[:limit]
 
 
 def read_bytes(uri: PathLike) -> bytes:
@@ -268,11 +407,21 @@ def write_bytes(uri: PathLike, data: bytes) -> None:
         _atomic_write_local(Path(uri), data)
 
 
-def read_json(uri: PathLike) -> Any:
+def parse_json(data: bytes | str, uri: PathLike) -> Any:
+    """``data`` (the content of ``uri``) as JSON; text that is not JSON, or not text at all, is one line
+    naming ``uri``."""
     try:
-        return json.loads(read_bytes(uri))
+        return json.loads(data)
     except json.JSONDecodeError as e:
-        raise EupeError(f"invalid JSON in {uri}: {e.msg} at line {e.lineno} column {e.colno}") from e
+        raise EupeError(f"invalid JSON in {uri}: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise EupeError(f"invalid JSON in {uri}: not UTF-8 text ({e.reason} at byte {e.start}): a binary file?") from None
+    except (ValueError, RecursionError) as e:
+        raise EupeError(f"invalid JSON in {uri}: {type(e).__name__}") from None
+
+
+def read_json(uri: PathLike) -> Any:
+    return parse_json(read_bytes(uri), uri)
 
 
 def write_json(uri: PathLike, obj: Any) -> None:
@@ -305,7 +454,8 @@ def local_copy(uri: PathLike, cache_dir: PathLike | None = None) -> Path:
         return path
     uri = str(uri)
     bucket, key = _object(uri)
-    dest = _cache_root(cache_dir) / "s3" / bucket / key
+    root = _cache_root(cache_dir)
+    dest = inside(root / "s3" / bucket / key, root, f"the cached copy of {uri}")
     sidecar = dest.with_name(dest.name + ".etag")
     cached: dict[str, Any] = {}
     try:
@@ -363,6 +513,11 @@ def _s3_keys(bucket: str, prefix: str, uri: str) -> list[str]:
             keys.extend(o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/"))
     except (ClientError, BotoCoreError) as e:
         raise _s3_error("list", uri, e) from e
+    unsafe = [k for k in keys if _unsafe_key(k)]
+    if unsafe:  # never an s3:// URI of ours, never a local path: left out of every listing
+        log.warning("ignoring %d objects under s3://%s/%s with an empty, '.' or '..' part in the key, e.g. %r",
+                    len(unsafe), bucket, prefix, unsafe[0])
+        keys = [k for k in keys if not _unsafe_key(k)]
     return sorted(keys)
 
 
@@ -453,9 +608,7 @@ def download_dir(uri: PathLike, local_dir: PathLike) -> Path:
             rel = k[len(prefix) :]
             if rel == SUCCESS_MARKER:
                 continue
-            if ".." in PurePosixPath(rel).parts:
-                raise EupeError(f"refusing object outside the prefix: s3://{bucket}/{k}")
-            target = tmp / rel
+            target = inside(tmp / rel, tmp, f"s3://{bucket}/{k}")
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 client.download_file(bucket, k, str(target))
@@ -534,7 +687,7 @@ def publish_files(staged: PathLike, uri: PathLike) -> list[str]:
     for name in names:
         new, dest = src / name, final / name
         if new.is_dir() and dest.exists():
-            old = final / f".{name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            old = final / ("." + temp_name(name, "old"))
             os.rename(dest, old)
             os.rename(new, dest)
             shutil.rmtree(old, ignore_errors=True)
