@@ -241,6 +241,7 @@ class _PatchCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 8, stride=8)
+        self.feature_info = [{"num_chs": 8, "reduction": 8, "module": "conv"}]  # timm's: the token stride
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
