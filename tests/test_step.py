@@ -33,10 +33,11 @@ def _run_once(out: str, fp: dict, payload: bytes = b"v1") -> dict:
 
 def test_publishes_staged_names_only_and_writes_result_last(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    StepRun(str(out), "demo-step", {"k": 0})  # a run that claimed out, then was killed ...
-    assert json.loads((out / ".eupe-step").read_text()) == {"step": "demo-step"}
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "step_1.bin").write_bytes(b"keep me")  # ... after writing outside staging: must survive
+    killed = StepRun(str(out), "demo-step", {"k": 0})
+    assert not out.exists()  # nothing written before the step writes
+    storage.write_bytes(str(out / "checkpoints" / "step_1.bin"), b"keep me")  # its first write, outside staging ...
+    assert json.loads((out / ".eupe-step").read_text()) == {"step": "demo-step"}  # ... claimed out first
+    del killed  # killed: the rerun finds its checkpoint, which must survive
     result = _run_once(str(out), {"k": 1})
     assert not (out / ".eupe-step").exists()  # result.json names the step from now on
     assert result["status"] == "ok" and result["fingerprint"] == {"k": 1}
@@ -108,8 +109,10 @@ with run.staging() as tmp:
 
 def test_the_same_mechanism_on_s3(s3_bucket: str) -> None:
     out = f"s3://{s3_bucket}/runs/r1/step"
-    StepRun(out, "demo-step", {"k": 0})  # claimed, then killed after a write outside staging
+    killed = StepRun(out, "demo-step", {"k": 0})  # killed after a write outside staging, which claimed out
     storage.write_bytes(f"{out}/checkpoints/step_1.bin", b"keep me")
+    assert storage.read_json(f"{out}/.eupe-step") == {"step": "demo-step"}
+    del killed
     first = _run_once(out, {"k": 1})
     assert storage.read_bytes(f"{out}/model.bin") == b"v1" and storage.read_bytes(f"{out}/plots/a.png") == b"png"
     assert storage.read_bytes(f"{out}/checkpoints/step_1.bin") == b"keep me"
@@ -164,10 +167,12 @@ def test_a_folder_no_run_of_the_step_wrote_is_refused_untouched(tmp_path: Path) 
 
 def test_another_steps_claim_is_refused_and_a_killed_run_of_the_same_step_continues(tmp_path: Path) -> None:
     out = tmp_path / "train"
-    StepRun(str(out), "train-stage1", {"k": 1})  # claimed, then killed after its first checkpoint
-    (out / "checkpoints" / "step_00000004").mkdir(parents=True)
-    (out / "checkpoints" / "step_00000004" / "state.pt").write_bytes(b"state")
+    killed = StepRun(str(out), "train-stage1", {"k": 1})  # killed after its first checkpoint, which claimed out
+    with storage.atomic_dir(out / "checkpoints" / "step_00000004") as tmp:
+        (tmp / "state.pt").write_bytes(b"state")
+    del killed
     before = _snapshot(out)
+    assert sorted(before) == [".eupe-step", "checkpoints/step_00000004/state.pt"]
     with pytest.raises(EupeError, match=r"is being written by step 'train-stage1' \(\.eupe-step\), not 'export'"):
         StepRun(str(out), "export", {"k": 1})
     assert _snapshot(out) == before
@@ -213,3 +218,11 @@ def test_every_leftover_of_a_killed_run_is_removed_by_the_next_run(tmp_path: Pat
     _run_once(str(out), {"k": 2})
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         "checkpoints", "checkpoints/step_00000004", "model.bin", "plots", "plots/a.png", "result.json"]
+
+
+def test_a_bad_input_found_after_the_check_leaves_no_folder_behind(tmp_path: Path, s3_bucket: str) -> None:
+    for out in (str(tmp_path / "new"), f"s3://{s3_bucket}/runs/new"):
+        run = StepRun(out, "demo-step", {"k": 1})
+        assert run.done is None and not storage.exists(out)  # e.g. a budget row missing: one line, exit 2
+        del run
+    assert list(tmp_path.iterdir()) == []

@@ -128,20 +128,30 @@ class StepRun:
             self._start()
 
     def _start(self) -> None:
-        """Claim ``out`` (before anything else is written there), drop a stale result.json, and remove what
-        a killed run of this step left half-written."""
-        if self.claimed != self.step:
-            storage.write_json(_uri(self.out, CLAIM_FILE), {"step": self.step})
-            self.claimed = self.step
+        """An existing ``out``: claim it, drop a stale result.json, remove what a killed run of this step left
+        half-written. A new one is claimed by the step's first write there (nothing is written before: a bad
+        input found after this point leaves no folder behind)."""
+        if not storage.exists(self.out):
+            storage.on_first_write(self.out, self.claim)
+            return
+        self.claim()
         storage.delete(_uri(self.out, RESULT_FILE))
         if self.local:
             storage.remove_leftovers(self.out)
+
+    def claim(self) -> None:
+        """Mark ``out`` as this step's (``.eupe-step``) until its result.json: a killed run's partial output
+        (a training's checkpoints) stays its own. Called before anything else is written under ``out``."""
+        if self.claimed != self.step and self.main:
+            self.claimed = self.step
+            storage.write_json(_uri(self.out, CLAIM_FILE), {"step": self.step})
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
         """A private local folder; its entries replace the same names under ``out`` when the block succeeds."""
         name = "." + storage.temp_name(self.step, "staging")
         if self.local:
+            self.claim()
             tmp = Path(self.out) / name
             tmp.mkdir(parents=True)
         else:

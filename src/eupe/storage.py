@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "list_uris",
     "listing_digest",
     "local_copy",
+    "on_first_write",
     "open_read",
     "parse_json",
     "publish_files",
@@ -146,6 +148,34 @@ def _is_not_found(exc: ClientError) -> bool:
     return str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND
 
 
+# --------------------------------------------------------------------------- first write under a folder
+
+# root (local absolute path or s3:// prefix, no trailing slash) -> what to call before the first write of this
+# module below it. A step claims the --out it creates this way (eupe.step): whichever of its writes comes
+# first (a staged output, a checkpoint, result.json), the claim is written before it.
+_FIRST_WRITE: dict[str, weakref.WeakMethod] = {}
+
+
+def _root(uri: PathLike) -> str:
+    return str(uri).rstrip("/") if is_s3(uri) else os.path.abspath(uri)
+
+
+def on_first_write(root: PathLike, callback: Any) -> None:
+    """Call the bound method ``callback`` once, before this module first writes below ``root`` (a later
+    registration for the same root replaces it; nothing is called once its object is gone)."""
+    _FIRST_WRITE[_root(root)] = weakref.WeakMethod(callback)
+
+
+def _writing(target: PathLike) -> None:
+    if not _FIRST_WRITE:
+        return
+    t = _root(target)
+    for root in [r for r in _FIRST_WRITE if t == r or t.startswith(r + "/")]:
+        callback = _FIRST_WRITE.pop(root)()
+        if callback is not None:
+            callback()
+
+
 # --------------------------------------------------------------------------- local atomic writes
 
 
@@ -170,6 +200,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write_local(path: Path, data: bytes) -> None:
+    _writing(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
@@ -258,6 +289,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     final = Path(path)
     if final.exists() and not final.is_dir():
         raise EupeError(f"not a directory: {final}")
+    _writing(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_siblings(final)
     tmp = final.with_name(temp_name(final.name, "tmp"))
@@ -399,6 +431,7 @@ def open_read(uri: PathLike) -> Iterator[BinaryIO]:
 def write_bytes(uri: PathLike, data: bytes) -> None:
     if is_s3(uri):
         bucket, key = _object(str(uri))
+        _writing(uri)
         try:
             _client().put_object(Bucket=bucket, Key=key, Body=data)
         except (ClientError, BotoCoreError) as e:
@@ -565,6 +598,7 @@ def upload_dir(local_dir: PathLike, uri: PathLike) -> None:
     if not prefix:
         raise EupeError(f"malformed s3 URI: {uri!r} (upload_dir needs a prefix below the bucket)")
     client = _client()
+    _writing(uri)
     previous = set(_s3_keys(bucket, prefix, uri))
     try:
         if prefix + SUCCESS_MARKER in previous:
@@ -672,6 +706,7 @@ def publish_files(staged: PathLike, uri: PathLike) -> list[str]:
     """
     src = Path(staged)
     names = sorted(p.name for p in src.iterdir())
+    _writing(uri)
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
         prefix = _prefix(key)

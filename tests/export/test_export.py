@@ -149,6 +149,7 @@ def test_bad_input_fails_before_compute_and_keeps_old_output(tmp_path: Path, tin
     out = tmp_path / "export"
     out.mkdir()
     (out / "export.json").write_text("{}")
+    (out / "result.json").write_text('{"step": "export", "status": "ok"}')  # an earlier export's: its own folder
     with pytest.raises(EupeError, match=expected.replace(".", r"\.")):
         run_export(_config(tiny_data, vit_weights, *VIT, *override), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and (out / "export.json").read_text() == "{}"

@@ -118,6 +118,9 @@ def version(path: str | Path, remote: str | None = None, dvc_file: str | None = 
     ``repo``: track it in that folder's own DVC repository (:func:`standalone_repo`)."""
     if storage.is_s3(str(path)):
         return _s3_version(str(path))
+    for flag, value in (("--repo", repo), ("--dvc-file", dvc_file)):
+        if value is not None and storage.is_s3(str(value)):
+            raise EupeError(f"{flag} {value}: DVC tracks a local --path in a local repository, not in s3://")
     target = Path(path)
     if not target.exists():
         raise EupeError(f"--path: not found: {path}")
@@ -149,8 +152,8 @@ def _track(target: Path, dvc_file: str | None, remote: str | None) -> dict[str, 
     if dvc_file:  # an output outside the .dvc file's folder, e.g. a checkpoint under a git-ignored artifacts/
         out_path = os.path.relpath(target.absolute(), f.parent)
         if not f.exists() or _out_entry(f).get("path") != out_path:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(yaml.safe_dump({"outs": [{"path": out_path}]}, sort_keys=False))
+            # through storage: a .dvc file under the step's --out claims that folder first (eupe.step)
+            storage.write_bytes(str(f), yaml.safe_dump({"outs": [{"path": out_path}]}, sort_keys=False).encode())
         run_dvc(["commit", "--force", "--quiet", str(f.relative_to(repo))], repo)
     else:
         run_dvc(["add", "--quiet", str(target.absolute().relative_to(repo))], repo)

@@ -30,7 +30,6 @@ from eupe.errors import EupeError, GateFailed
 from eupe.evaluate import gate
 from eupe.registry import lineage as lin
 from eupe.registry.lineage import model_root, read_pointer, versions
-from eupe.results import write_result
 from eupe.step import StepRun
 
 log = logging.getLogger(__name__)
@@ -210,10 +209,10 @@ def stage(inputs: Inputs, tmp: Path) -> dict[str, dict]:
     return staged
 
 
-def _fail(out: str, name: str, failed: list[tuple[str, str]]) -> GateFailed:
+def _fail(run: StepRun, name: str, failed: list[tuple[str, str]]) -> GateFailed:
     reason = "; ".join(r for _, r in failed)
     metrics = {"name": name, "published": False, "failed_gates": [g for g, _ in failed], "reason": reason}
-    write_result(out, STEP, metrics, {}, status="failed")
+    run.finish(metrics, {}, status="failed")
     return GateFailed(reason)
 
 
@@ -221,10 +220,10 @@ def promote(inputs: Inputs, name: str, root: str, out: str, run_id: str | None =
     """Publish ``inputs`` as the next version of ``name`` and point production at it; see the module doc."""
     base = model_root(root, name)
     pointer_uri = f"{base}/{lin.POINTER_FILE}"
-    StepRun(out, STEP)  # --out checked, a stale result.json dropped
+    run = StepRun(out, STEP)  # --out checked, a stale result.json dropped
     failed = gate_failures(inputs)
     if failed:
-        raise _fail(out, name, failed)
+        raise _fail(run, name, failed)
     current = read_pointer(pointer_uri) if storage.exists(pointer_uri) else None
     tmp = Path(tempfile.mkdtemp(prefix="eupe-promote-"))
     try:
@@ -236,10 +235,10 @@ def promote(inputs: Inputs, name: str, root: str, out: str, run_id: str | None =
             if lin.read_lineage(current["uri"]).get("digest") == digest:
                 log.info("%s version %d already holds these inputs", name, current["version"])
                 metrics = {"name": name, "version": current["version"], "published": False, "already_production": True}
-                return write_result(out, STEP, metrics, {"version": current["uri"], "production": pointer_uri})
+                return run.finish(metrics, {"version": current["uri"], "production": pointer_uri})
             outcome = recheck_quality(inputs.evaluation, current["eval"])
             if not outcome["passed"]:
-                raise _fail(out, name, [("quality", gate.failure_message(outcome, current["eval"]))])
+                raise _fail(run, name, [("quality", gate.failure_message(outcome, current["eval"]))])
         version = max(versions(root, name), default=0) + 1
         uri = f"{base}/{version}"
         if storage.exists(uri):
@@ -256,4 +255,4 @@ def promote(inputs: Inputs, name: str, root: str, out: str, run_id: str | None =
                "lineage": f"{uri}/{lin.LINEAGE_FILE}", "promoted_at": record["promoted_at"], "run_id": run_id}
     storage.write_json(pointer_uri, pointer)  # last: production moves only to a complete version
     metrics = {"name": name, "version": version, "published": True, "previous": record["previous"]}
-    return write_result(out, STEP, metrics, {"version": uri, "production": pointer_uri, "lineage": pointer["lineage"]})
+    return run.finish(metrics, {"version": uri, "production": pointer_uri, "lineage": pointer["lineage"]})
