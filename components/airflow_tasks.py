@@ -26,6 +26,7 @@ from components.airflow_params import FORM_TO_PIPELINE
 from components.graph import Pipeline, Step
 from components.run import PipelineRun
 from components.task import SKIPPED
+from eupe.errors import EXIT_PREEMPTED
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -92,11 +93,13 @@ class Settings:
 def error_line(lines: list[str]) -> str:
     """The one line ``eupe`` ends a bad input or a failed gate with (else the last line written)."""
     lines = [ln.strip() for ln in lines if ln.strip()]
-    return next((ln for ln in reversed(lines) if ln.startswith("eupe: error:")), lines[-1] if lines else "")
+    return next((ln for ln in reversed(lines) if ln.startswith(("eupe: error:", "eupe: preempted:"))),
+                lines[-1] if lines else "")
 
 
 def raise_for_exit(label: str, code: int, lines: list[str]) -> None:
-    """0: done; :data:`SKIPPED`: skip; 2 and 3: fail now (never retried); anything else: retried."""
+    """0: done; :data:`SKIPPED`: skip; 2 and 3: fail now (never retried); 143 (SIGTERM, checkpoint saved) and
+    anything else: retried."""
     if code == 0:
         return
     if code == SKIPPED:
@@ -106,6 +109,8 @@ def raise_for_exit(label: str, code: int, lines: list[str]) -> None:
         raise AirflowFailException(f"{label}: bad input (exit 2, not retried): {line}")
     if code == 3:
         raise AirflowFailException(f"{label}: gate failed (exit 3, not retried): {line}")
+    if code == EXIT_PREEMPTED:
+        raise AirflowException(f"{label}: preempted (exit {code}, retried: it resumes from the checkpoint it saved): {line}")
     raise AirflowException(f"{label}: exit {code}, a crash or transient failure (retried): {line}")
 
 

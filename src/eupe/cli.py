@@ -1,7 +1,8 @@
 """``eupe <step>``: one subcommand per pipeline step. Inputs are URIs, outputs go under ``--out``.
 
 Exit codes: 0 done (``result.json`` written), 2 bad input (one line on stderr naming it), 3 a failed quality,
-parity or latency gate (outputs written, one line naming the reason), 1 a crash.
+parity or latency gate (outputs written, one line naming the reason), 143 preempted (SIGTERM: training saved a
+checkpoint; a retry with ``--resume`` continues), 1 a crash.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from eupe.commands import config_args, input_overrides, load
 from eupe.data import commands as data_commands
 from eupe import invocation
-from eupe.errors import EupeError
+from eupe.errors import EupeError, Preempted
 from eupe.evaluate import commands as evaluate_commands
 from eupe.export import commands as export_commands
 from eupe.registry import commands as registry_commands
@@ -41,8 +42,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from eupe.distill.trainer import train
 
     cfg = load(args, input_overrides(args))
+    allow = [f.strip() for item in args.allow_config_change for f in item.split(",") if f.strip()]
     result = train(cfg, args.stage, args.out, norm=args.norm, init=args.init, resume=args.resume,
-                   random_proxy=args.random_proxy, from_scratch=args.from_scratch)
+                   random_proxy=args.random_proxy, from_scratch=args.from_scratch, allow_changes=allow)
     if result:
         m = result["metrics"]
         print(f"stage{args.stage}: loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}, {m['images_per_s']:.1f} img/s, "
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"], metavar="auto",
                    help="continue from the last checkpoint under --out (refused when another config or other "
                         "inputs wrote it); `--resume auto`: continue when the same ones did, else start over")
+    p.add_argument("--allow-config-change", action="append", default=[], metavar="FIELD[,FIELD]",
+                   help="with --resume: config fields (or input names) that may differ from the checkpoint's run, "
+                        "e.g. stage2.iters to extend a run; globs allowed (repeatable)")
     p.add_argument("--out", required=True, help="output folder (checkpoints/, encoder.safetensors, result.json)")
     p.set_defaults(func=cmd_train)
 
@@ -128,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # before the step imports torch: a rerun of an unchanged pipeline takes seconds
     try:
         args.func(args)
+    except Preempted as e:
+        print(f"eupe: preempted: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except EupeError as e:
         print(f"eupe: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code

@@ -228,6 +228,9 @@ def test_exit_codes_become_retries_failures_gate_failures_and_skips(airflow_here
         raise_for_exit("s", 3, ["eupe: error: seg_miou 0.1 < baseline 0.3 - 0.02"])
     with pytest.raises(AirflowSkipException):
         raise_for_exit("s", 99, [])
+    with pytest.raises(AirflowException, match=r"preempted \(exit 143, retried.*\): eupe: preempted: SIGTERM") as e:
+        raise_for_exit("s", 143, ["eupe: preempted: SIGTERM at stage2 step 5/40: checkpoint saved", "trailing"])
+    assert not isinstance(e.value, (AirflowFailException, AirflowSkipException))
 
 
 def test_task_settings_follow_the_graph(airflow_here):

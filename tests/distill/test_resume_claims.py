@@ -17,6 +17,7 @@ import pytest
 from eupe.data.folder import ImageFolder
 from eupe.data.sources import write_shards
 from eupe.results import read_result
+from eupe.step import CLAIM_FILE
 from runs import (BIN, RESUME_EVERY, assert_same_run, eupe, finish, kill_after_first_checkpoint, recipe,  # noqa: F401
                   spawn, stage2_args, stage2_norm)
 
@@ -62,6 +63,7 @@ def test_ranks_with_different_checkpoints_refuse_to_start(recipe: Path, stage2_n
     base = tmp_path / "ranks"
     step = f"step_{RESUME_EVERY:08d}"  # the first of two: without latest.json, the newest complete one
     shutil.copytree(tmp_path / "done" / "checkpoints" / step, base / "rank0" / "run" / "checkpoints" / step)
+    (base / "rank0" / "run" / CLAIM_FILE).write_text('{"step": "train-stage2"}')  # as the killed run left it
     (base / "rank1" / "run").mkdir(parents=True)
     # each rank's stderr (log lines, then the error) to its own file; torchrun's summary to the log
     train = " ".join(f"'{a}'" for a in stage2_args(recipe, stage2_norm, "run", iters, "--resume"))

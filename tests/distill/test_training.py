@@ -210,7 +210,8 @@ def test_resume_refuses_another_runs_checkpoint_and_resume_auto_starts_over(reci
     with one_thread():
         assert main([*other, "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("eupe: error: --resume:") and "other inputs or config" in err and "--resume auto" in err
+    assert err.startswith("eupe: error: --resume:") and "other settings: stage2.lr 0.002 -> 0.0003" in err, err
+    assert "--resume auto" in err and "--allow-config-change" in err
     _eupe(*other, "--resume", "auto")
     m = read_result(out)["metrics"]
     assert m["steps_this_run"] == 8  # from step 0, not from the other run's step 8

@@ -34,12 +34,15 @@ from eupe.distill.normalize import FeatureStats, check_bound, load_stats
 from eupe.distill.runtime import Runtime, setup, teardown, warmup_cosine
 from eupe.distill.targets import (Target, build_targets, check_init, check_models, check_proxy, model_inputs,
                                   prepare_for, student_spec, target_features, target_specs)
-from eupe.errors import EupeError
+from eupe.distill import resume as resume_check
+from eupe.distill.preempt import Preemption
+from eupe.distill.resume import Counters, first_line, load_init
+from eupe.errors import EupeError, Preempted
 from eupe.fingerprint import data_inputs, fingerprint
 from eupe.step import StepRun
 from eupe.models.adapter import TargetAdapter
 from eupe.models.features import extract_features, feature_dims
-from eupe.models.registry import build_model, read_state_dict
+from eupe.models.registry import build_model
 
 log = logging.getLogger(__name__)
 
@@ -173,18 +176,23 @@ def preflight(cfg: Config, stage: int, norm: str, init: str | None, random_proxy
 
 
 def train(cfg: Config, stage: int, out: str | Path, norm: str, init: str | None = None,
-          resume: bool | str = False, random_proxy: bool = False, from_scratch: bool = False) -> dict:
+          resume: bool | str = False, random_proxy: bool = False, from_scratch: bool = False,
+          allow_changes: list[str] | None = None) -> dict:
     """One stage into ``out``. ``resume``: continue from the last checkpoint under ``out`` (refused when it was
     written with other inputs or config); ``"auto"`` (what the pipelines pass): continue when it was written by
-    the same inputs and config, else start over. Stages 2-3 need proxy weights and stage 3 ``init`` unless
-    ``random_proxy`` / ``from_scratch`` say otherwise on purpose."""
+    the same inputs and config, else start over (``allow_changes``: config fields that may differ, see
+    :mod:`eupe.distill.resume`). Stages 2-3 need proxy weights and stage 3 ``init`` unless ``random_proxy`` /
+    ``from_scratch`` say otherwise on purpose. SIGTERM: a checkpoint at the end of the step, then
+    :class:`eupe.errors.Preempted` (exit 143)."""
     st = cfg.stage(stage)
     stats, meta = preflight(cfg, stage, norm, init, random_proxy, from_scratch)
     source = open_data(cfg.data, cfg.seed)  # data.sources mixed by weight, or data.root
     fp = run_fingerprint(cfg, stage, norm, init)
     rt = setup(cfg)
     try:
-        result = _train(cfg, stage, st, str(out), norm, (stats, meta), init, resume, source, rt, fp)
+        with Preemption() as preemption:
+            run_inputs = RunInputs(norm, stats, meta, init, resume, list(allow_changes or []))
+            result = _train(cfg, stage, str(out), run_inputs, source, rt, fp, preemption)
     except EupeError:
         # no teardown: destroying the process group waits on ranks that may be gone already, and torchrun
         # stops the ranks still running as soon as one exits, so the one line comes first, then the exit
@@ -204,24 +212,23 @@ def run_fingerprint(cfg: Config, stage: int, norm: str, init: str | None) -> dic
     return fingerprint(f"train-stage{stage}", inputs, cfg)
 
 
-def _same_run(a: dict | None, b: dict) -> bool:
-    """Same inputs and config (a code change alone, a bug fix, may resume)."""
-    return a is None or {k: v for k, v in a.items() if k != "code"} == {k: v for k, v in b.items() if k != "code"}
+@dataclass
+class RunInputs:
+    """What a stage run was given besides the config and the data."""
+
+    norm: str
+    stats: dict[str, FeatureStats]
+    meta: dict  # the statistics' metadata: what they describe (eupe.distill.normalize.check_bound)
+    init: str | None
+    resume: bool | str
+    allow: list[str]  # config fields a resume may change (--allow-config-change)
 
 
-def _resume_mismatch(state: dict, fp: dict, norm_digest: str, norm: str) -> str | None:
-    """Why a checkpoint's run is not this one, or None: first its statistics (both digests named), then any
-    other input or the config."""
-    trained = state.get("norm")
-    if trained is not None and trained != norm_digest:
-        return f"was trained with normalization statistics {trained}, --norm {norm} is {norm_digest}"
-    if not _same_run(state.get("fingerprint"), fp):
-        return "was written by a run with other inputs or config"
-    return None
-
-
-def _train(cfg, stage, st, out, norm, stats_meta, init, resume, source, rt: Runtime, fp: dict) -> dict:
-    stats, meta = stats_meta
+def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Runtime, fp: dict,
+           preemption: Preemption) -> dict:
+    st = cfg.stage(stage)
+    norm, stats, meta, init, resume, allow = (inputs.norm, inputs.stats, inputs.meta, inputs.init, inputs.resume,
+                                              inputs.allow)
     torch.manual_seed(cfg.seed)
     accum = accumulation(st, stage, rt.world_size)
     run = StepRun(out, f"train-stage{stage}", fp, main=rt.is_main)
@@ -230,6 +237,7 @@ def _train(cfg, stage, st, out, norm, stats_meta, init, resume, source, rt: Runt
     mirror = CheckpointMirror(out, rt.rank) if storage.is_s3(out) else None  # s3://: a local folder, mirrored
     work = mirror.work if mirror else Path(out)
     norm_digest = fp["inputs"]["norm"]["digest"]  # recorded in every checkpoint
+    config = cfg.model_dump(mode="json")  # recorded too: a resume names each field that differs
 
     # --- resume: which checkpoint, if any, this run continues (before any model is built) ----------
     ckpt_dir = work / "checkpoints"
@@ -240,10 +248,10 @@ def _train(cfg, stage, st, out, norm, stats_meta, init, resume, source, rt: Runt
         log.info("--resume: no complete checkpoint under %s yet, starting from step 0", ckpt_dir)
     state = checkpoint.load(last) if last is not None else None
     if state is not None:
-        why = _resume_mismatch(state[1], fp, norm_digest, norm)
+        why = resume_check.mismatch(state[1], fp, config, norm, allow)
         if why and resume != "auto":
-            raise EupeError(f"--resume: {last} {why}; train into another --out, remove its checkpoints, or pass "
-                            "--resume auto to start over")
+            raise EupeError(f"--resume: {last} {why} (--allow-config-change FIELD for a change you mean; or train into "
+                            "another --out, or pass --resume auto to start over)")
         if why:
             log.info("--resume auto: %s %s: starting from step 0 (its checkpoints are replaced at this run's "
                      "first save)", last, why)
@@ -260,14 +268,18 @@ def _train(cfg, stage, st, out, norm, stats_meta, init, resume, source, rt: Runt
     student_norm = model_inputs(model.encoder, rt.device)  # the student's input mean/std
     ddp = DistributedDataParallel(model) if rt.world_size > 1 else model
     opt, sched = build_optimizer(model, st)
-    history, start = History(), 0
+    history, start, counters = History(), 0, Counters()
     if state is not None:
         weights, state = state
-        model.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(weights)
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise EupeError(f"--resume: {last} does not fit this model: {first_line(e)}") from None
         sched.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         history = History(**state["history"])
+        counters = Counters(**state.get("counters", {}))
         start = state["step"]
         log.info("resumed from %s at step %d", last, start)
     rt.agree(start, "the step to resume from")
@@ -313,43 +325,37 @@ def _train(cfg, stage, st, out, norm, stats_meta, init, resume, source, rt: Runt
         if (step + 1) % st.log_every == 0 and rt.is_main:
             eta = (st.iters - step - 1) * st.batch_size / max(rate, 1e-9)
             log.info("stage%d step %d/%d loss %.4f %.1f img/s eta %.0fs", stage, step + 1, st.iters, history.loss[-1], rate, eta)
-        if (step + 1) % st.checkpoint_every == 0 or step + 1 == st.iters:
+        stop = rt.mean(float(preemption.requested)) > 0  # every rank stops at the same step
+        if (step + 1) % st.checkpoint_every == 0 or step + 1 == st.iters or stop:
+            total = Counters(counters.images + seen, counters.skipped + round(rt.mean(float(skipped)) * rt.world_size),
+                             counters.train_s + time.perf_counter() - t0)  # every rank joins the reduction
             if rt.is_main:
                 last_ckpt = checkpoint.save(ckpt_dir, step + 1, model.state_dict(), {
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": checkpoint.rng_state(), "history": history.__dict__, "fingerprint": fp, "norm": norm_digest,
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
+                    "history": history.__dict__, "fingerprint": fp, "norm": norm_digest, "config": config,
+                    "counters": total.as_dict(),
                 }, first=fresh)
                 if mirror is not None:
                     mirror.push(last_ckpt, keep={p.name for p in ckpt_dir.glob("step_*")})
             fresh = False
             rt.barrier()
+        if stop and step + 1 < st.iters:
+            raise Preempted(f"SIGTERM at stage{stage} step {step + 1}/{st.iters}: checkpoint {ckpt_dir}/step_{step + 1:08d} "
+                            "saved; run again with --resume to continue")
     bar.close()
     live.close()
     wall = time.perf_counter() - t0
 
-    skipped = round(rt.mean(float(skipped)) * rt.world_size)  # every rank joins the reduction
+    total = Counters(counters.images + seen, counters.skipped + round(rt.mean(float(skipped)) * rt.world_size),
+                     counters.train_s + wall)  # the whole run, over every resume; every rank joins the reduction
     if not rt.is_main:
         return {}
     last_ckpt = last_ckpt or checkpoint.latest(ckpt_dir)
     if mirror is not None and last_ckpt is not None:
         last_ckpt = mirror.uri(last_ckpt)  # the artifact is the bucket's copy
     return results.write_training_result(run, stage, history.__dict__, {
-        "steps": st.iters, "steps_this_run": st.iters - start, "images_per_s": seen / wall if seen else 0.0,
-        "wall_s": wall, "skipped_images": skipped, "world_size": rt.world_size, "global_batch": st.batch_size, "accumulation": accum,
+        "steps": st.iters, "steps_this_run": st.iters - start, "images": total.images,
+        "images_per_s": total.images / total.train_s if total.train_s > 0 else 0.0, "train_s": total.train_s,
+        "wall_s": wall, "skipped_images": total.skipped, "world_size": rt.world_size, "global_batch": st.batch_size,
+        "accumulation": accum,
     }, checkpoint_dir=last_ckpt, encoder_state={k: v for k, v in model.encoder.state_dict().items()})
-
-
-def load_init(model: DistillModel, uri: str) -> None:
-    """Start from an earlier stage's checkpoint, or an encoder file: every encoder weight (a partial load would hide a changed
-    student config), and the adapters whose shapes still fit (a stage may change the adapter width)."""
-    state = read_state_dict(uri)
-    if not any(k.startswith("encoder.") for k in state):  # an encoder alone (encoder.safetensors, a published model)
-        state = {f"encoder.{k}": v for k, v in state.items()}
-    own = model.state_dict()
-    enc = [k for k in own if k.startswith("encoder.")]
-    bad = [k for k in enc if k not in state or state[k].shape != own[k].shape]
-    if bad:
-        raise EupeError(f"--init {uri}: {len(bad)} of {len(enc)} encoder weights missing or of another shape "
-                        f"for {type(model.encoder).__name__} (e.g. {bad[0]})")
-    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(fits, strict=False)
