@@ -65,6 +65,28 @@ def _imbalance(values: pd.Series, usable: pd.Series) -> tuple[pd.Series, dict[st
     return ratio, {str(k): int(v) for k, v in sorted(counts.items())}
 
 
+def _modified(uri: str) -> float:
+    """A local file's modification time; NaN for anything else (S3 objects, .tar members ``shard#key``)."""
+    if storage.is_s3(uri):
+        return np.nan
+    try:
+        return os.stat(uri).st_mtime
+    except OSError:
+        return np.nan
+
+
+def duplicate_of(df: pd.DataFrame) -> pd.Series:
+    """Per row: the file it repeats (same sha256), or NaN. The earliest copy is the original: the oldest local
+    file by modification time, then the first in the dataset's order; every later copy is its duplicate."""
+    hashed = df[df["sha256"].notna()]
+    if hashed.empty:
+        return pd.Series(np.nan, index=df.index, dtype=object)
+    age = hashed.assign(_modified=hashed["uri"].map(_modified), _order=np.arange(len(hashed)))
+    first = age.sort_values(["_modified", "_order"], na_position="last").groupby("sha256")["uri"].transform("first")
+    first = first.reindex(hashed.index)
+    return first.where(first != hashed["uri"]).reindex(df.index)
+
+
 def prepare(manifest: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The manifest plus the columns the suite checks, and a summary (counts per bucket, class, domain)."""
     df = manifest.reset_index(drop=True).copy()
@@ -76,9 +98,7 @@ def prepare(manifest: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, dict[str
         buckets[str(r)] = int(df[f"bucket_{r}"].sum())
     df["class_ratio"], class_counts = _imbalance(df["label"], ok)
     df["domain_ratio"], domain_counts = _imbalance(df["domain"], ok)
-    hashed = df["sha256"].notna()
-    first = df[hashed].groupby("sha256")["uri"].transform("first")
-    df["duplicate_of"] = first.where(first != df.loc[hashed, "uri"]).reindex(df.index)
+    df["duplicate_of"] = duplicate_of(df)
     df[["outlier_z", "outlier_feature"]] = robust_scores(df)
     summary = {"images": len(df), "decodable": int(ok.sum()), "buckets": buckets,
                "class_counts": class_counts, "domain_counts": domain_counts}
