@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from eupe.arch import check_kwargs
 from eupe.errors import EupeError
 
 StageName = Literal["stage1", "stage2", "stage3"]
@@ -33,6 +34,11 @@ class ModelSpec(_Strict):
     # projection, e.g. PE-core's attention pool), mean (mean patch token), auto (cls if the model has one,
     # else pool). Recorded in norm.safetensors per target so statistics and training agree.
     summary: Literal["auto", "cls", "pool", "mean"] = "auto"
+
+    @field_validator("kwargs")
+    @classmethod
+    def _arch(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_kwargs(v)
 
 
 class TeacherSpec(ModelSpec):

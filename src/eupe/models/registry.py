@@ -53,11 +53,15 @@ def build_model(spec: ModelSpec, field: str = "model") -> nn.Module:
     vit = {"img_size": spec.img_size, "dynamic_img_size": True, "dynamic_img_pad": True}
     kwargs = {"num_classes": 0, **spec.kwargs}
     try:
-        model = timm.create_model(name, pretrained=spec.weights == "hub", **{**vit, **kwargs})
-    except TypeError as e:
-        if not any(k in str(e) for k in _VIT_KWARGS):
-            raise EupeError(f"{field}.kwargs: {e}") from None
-        model = timm.create_model(name, pretrained=spec.weights == "hub", **kwargs)  # CNNs: any size as is
+        try:
+            model = timm.create_model(name, pretrained=spec.weights == "hub", **{**vit, **kwargs})
+        except TypeError as e:
+            if not any(k in str(e) for k in _VIT_KWARGS):
+                raise
+            model = timm.create_model(name, pretrained=spec.weights == "hub", **kwargs)  # CNNs: any size as is
+    except (TypeError, ValueError, AssertionError, RuntimeError, IndexError, ZeroDivisionError) as e:
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise EupeError(f"{field}.kwargs {spec.kwargs}: timm cannot build {name} with them: {detail}") from None
     setattr(model, SUMMARY_ATTR, spec.summary)  # extract_features takes the summary vector this way
     try:
         resolve_summary(model)
