@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from eupe.errors import EupeError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "Decoded", "UndecodableImage", "decode", "decode_full"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_IMAGE_BYTES", "Decoded", "UndecodableImage", "decode", "decode_full", "too_large"]
 
-DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own warning limit (~ 13400 x 13400)
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own warning limit (~ 13400 x 13400); validation.max_pixels' default
+MAX_IMAGE_BYTES = 128 << 20  # one image file (or .tar member) is read whole: a larger one is skipped, never read
 _BACKGROUND = (255, 255, 255)  # transparent pixels become white, as in a browser
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -42,6 +44,11 @@ class Decoded:
 
     def __init__(self, image: Image.Image, fmt: str | None, mode: str):
         self.image, self.format, self.mode = image, fmt, mode
+
+
+def too_large(size: int, limit: int = MAX_IMAGE_BYTES) -> str | None:
+    """The reason a file of ``size`` bytes is not read (over ``limit``), or None."""
+    return f"{size} bytes, over the {limit}-byte limit of one image file" if size > limit else None
 
 
 def _reason(exc: Exception) -> str:
@@ -94,7 +101,9 @@ def decode_full(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     if not data:
         raise UndecodableImage(uri, "empty file")
     try:
-        im = Image.open(io.BytesIO(data))  # reads the header only
+        with warnings.catch_warnings():  # PIL's bomb warning: max_pixels below decides, and the skip is logged
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as e:  # PIL's own hard limit, above any sane max_pixels
         size = _header_size(data)
         pixels = re.search(r"\((\d+) pixels\)", str(e))

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from PIL import Image
 
+from eupe.data.decode import DEFAULT_MAX_PIXELS, UndecodableImage, decode, too_large
 from eupe.errors import EupeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -52,7 +53,10 @@ def class_labels(relative: Sequence[Sequence[str]]) -> tuple[list[str], list[int
 
 
 class ImageFolder:
-    def __init__(self, root: str | Path):
+    """``max_pixels``: the decoder's limit (``validation.max_pixels``); larger images are skipped undecoded."""
+
+    def __init__(self, root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.max_pixels = max_pixels
         self.root = Path(root)
         if not self.root.is_dir():
             raise EupeError(f"dataset folder not found: {self.root}")
@@ -72,12 +76,15 @@ class ImageFolder:
         return self.labels[index]
 
     def open(self, index: int) -> Image.Image:
-        from eupe.data.decode import decode  # the pipeline's one decoder: raises UndecodableImage
-
-        return decode(self.read_bytes(index), self.uri(index))
+        return decode(self.read_bytes(index), self.uri(index), self.max_pixels)
 
     def read_bytes(self, index: int) -> bytes:
-        return self.files[index].read_bytes()
+        """The file's bytes; :class:`~eupe.data.decode.UndecodableImage` for a file too large to read whole."""
+        path = self.files[index]
+        reason = too_large(path.stat().st_size)
+        if reason:
+            raise UndecodableImage(str(path), reason)
+        return path.read_bytes()
 
     def domain(self, index: int) -> str | None:
         return None

@@ -90,7 +90,14 @@ def _tasks(source: Any, max_pixels: int) -> Iterator[tuple[Any, tuple]]:
 
     classes = getattr(source, "classes", [])
     for rec in iter_records(source):
-        yield describe_bytes, (rec.uri, rec.data, _label_name(classes, rec.label), rec.domain, max_pixels)
+        if rec.skipped:  # not read (too large, named outside its shard): a bad file with its reason
+            yield _skipped_row, (rec.uri, rec.skipped, _label_name(classes, rec.label), rec.domain)
+        else:
+            yield describe_bytes, (rec.uri, rec.data, _label_name(classes, rec.label), rec.domain, max_pixels)
+
+
+def _skipped_row(uri: str, reason: str, label: str | None, domain: str | None) -> dict[str, Any]:
+    return {"uri": uri, "decodable": False, "label": label, "domain": domain, "error": reason}
 
 
 def scan_rows(source: Any, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict[str, Any]]:

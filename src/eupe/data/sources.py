@@ -14,23 +14,34 @@ Two kinds of source:
   mixes streams by weight, drawing the source of each sample from a generator seeded by
   ``(seed, reader)``.
 
-Every image is decoded by :func:`eupe.data.decode.decode`. A file that does not decode is skipped
-and counted (:func:`read_sample` for map-style sources; streams yield the count with the next
-sample), never a crash; an S3 object that cannot be *read* is a one-line :class:`EupeError` naming it.
+Every image is decoded by :func:`eupe.data.decode.decode` with the pixel limit of the data's validation
+(``validation.max_pixels``, given to :func:`open_data`). A file that does not decode is skipped and counted
+(:func:`read_sample` for map-style sources; streams yield the count with the next sample), never a crash;
+an S3 object that cannot be *read* is a one-line :class:`EupeError` naming it.
+
+Hostile shards cost bounded memory and time (:func:`read_shard`): a member is read whole only up to
+:data:`~eupe.data.decode.MAX_IMAGE_BYTES`, a shard only up to :data:`MAX_SHARD_BYTES` decompressed, a tar
+header only up to the member limit, and a member named outside the shard (absolute, or with ``..``) is never
+read; each is skipped and counted like an undecodable image. The shuffle buffer holds at most
+:data:`SHUFFLE_BUFFER_BYTES` of samples.
 """
 
 from __future__ import annotations
 
 import bisect
+import bz2
 import copy
 import fnmatch
 import glob
+import gzip
 import io
 import json
 import logging
+import lzma
 import math
 import random
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +53,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from eupe import storage
-from eupe.data.decode import UndecodableImage, decode
+from eupe.data.decode import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, UndecodableImage, decode, too_large
 from eupe.data.folder import IMAGE_SUFFIXES, ImageFolder, ImageSource, class_labels, is_image
 from eupe.errors import EupeError
 
@@ -51,7 +62,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_CONSECUTIVE_UNDECODABLE",
+    "MAX_SHARD_BYTES",
     "SHARD_SUFFIX",
+    "SHUFFLE_BUFFER_BYTES",
     "Augment",
     "ImageStream",
     "IndexStream",
@@ -74,6 +87,8 @@ log = logging.getLogger(__name__)
 SHARD_SUFFIX = ".tar"
 # Undecodable files in a row before a run gives up: a source that is mostly broken is a bad input.
 MAX_CONSECUTIVE_UNDECODABLE = 100
+MAX_SHARD_BYTES = 16 << 30  # decompressed bytes read from one .tar shard; the rest of a larger one is skipped
+SHUFFLE_BUFFER_BYTES = 1 << 30  # a stream's shuffle buffer holds data.shuffle_buffer samples, at most this much
 _GLOB_CHARS = "*?["
 
 
@@ -83,8 +98,8 @@ _GLOB_CHARS = "*?["
 class S3ImageFolder:
     """``s3://bucket/prefix/<class>/<file>`` (class folder optional): listed once, read per image."""
 
-    def __init__(self, prefix: str):
-        self.root = prefix.rstrip("/")
+    def __init__(self, prefix: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root, self.max_pixels = prefix.rstrip("/"), max_pixels
         self.uris = [u for u in storage.list_uris(self.root) if is_image(u)]
         if not self.uris:
             raise EupeError(f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)})")
@@ -106,7 +121,7 @@ class S3ImageFolder:
         return storage.read_bytes(self.uris[index])  # EupeError "cannot read s3://...: NoSuchKey"
 
     def open(self, index: int) -> Image.Image:
-        return decode(self.read_bytes(index), self.uris[index])
+        return decode(self.read_bytes(index), self.uris[index], self.max_pixels)
 
 
 class Mixture:
@@ -192,12 +207,14 @@ def read_sample(source: ImageSource, index: int, limit: int = MAX_CONSECUTIVE_UN
 
 @dataclass(frozen=True)
 class Record:
-    """One undecoded sample: where it came from, its bytes, and the label/domain its source knows."""
+    """One undecoded sample: where it came from, its bytes, and the label/domain its source knows.
+    ``skipped``: why a sample was not read (too large, named outside its shard); counted, never decoded."""
 
     uri: str
     data: bytes
     label: int = -1
     domain: str | None = None
+    skipped: str | None = None
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -225,39 +242,157 @@ def _record(shard: str, key: str, parts: dict[str, bytes]) -> Record | None:
     return Record(uri, parts[image_ext], label, domain)
 
 
-def read_shard(uri: str) -> Iterator[Record]:
-    """The samples of one ``.tar`` shard, in file order, read sequentially: memory holds one sample."""
+def _unsafe_member(name: str) -> bool:
+    """A member named outside its shard: absolute, or with a ``..`` part (never a sample, never a path)."""
+    return name.startswith("/") or ".." in name.replace("\\", "/").split("/")
+
+
+class _ShardTooLarge(Exception):
+    pass
+
+
+class _Head:
+    """``head`` (already read from ``f`` to tell its compression), then the rest of ``f``."""
+
+    def __init__(self, head: bytes, f):
+        self.head, self.f = head, f
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.f.read() if n is None or n < 0 else self.f.read(n)
+        if n is None or n < 0:
+            out, self.head = self.head + self.f.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out
+
+
+class _Metered:
+    """The decompressed tar stream, counted: past ``limit`` bytes in all, or ``window`` bytes since
+    :meth:`allow` (a tar header tarfile would read whole), reading stops."""
+
+    def __init__(self, f, limit: int, window: int):
+        self.f, self.limit, self.count, self.since, self.window = f, limit, 0, 0, window
+
+    def allow(self, window: int) -> None:
+        self.since, self.window = 0, window
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.count += len(data)
+        self.since += len(data)
+        if self.count > self.limit:
+            raise _ShardTooLarge(f"over {self.limit} bytes decompressed (the shard limit)")
+        if self.since > self.window:
+            raise _ShardTooLarge(f"a tar header of over {self.window} bytes")
+        return data
+
+
+_COMPRESSIONS = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")), (b"BZh", bz2.BZ2File),
+                 (b"\xfd7zXZ\x00", lzma.LZMAFile))
+
+
+def _decompressed(f):
+    """``f`` (a plain, gzip, bzip2 or xz tar) as the plain tar stream, decompressed as it is read."""
+    head = f.read(6)
+    body = _Head(head, f)
+    for magic, opener in _COMPRESSIONS:
+        if head.startswith(magic):
+            return opener(body)
+    return body
+
+
+def _members(tar: tarfile.TarFile, body: _Metered, max_member: int) -> Iterator[tuple[str | None, bytes | None, str | None]]:
+    """``(name, bytes, None)`` per regular member, ``(name, None, reason)`` for one that is not read, and last
+    ``(None, None, reason)`` when a limit stops the reading between two members."""
+    members = iter(tar)
+    while True:
+        try:
+            member = next(members)
+        except StopIteration:
+            return
+        except _ShardTooLarge as e:
+            yield None, None, str(e)
+            return
+        tar.members = []  # stream mode keeps every TarInfo otherwise
+        # until the next member: this one's data (read or skipped) and the next headers, up to a member's limit
+        body.allow(-(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE + max_member + 64 * tarfile.BLOCKSIZE)
+        if _unsafe_member(member.name):  # whatever its type: counted, never a sample or a path
+            yield member.name, None, "member named outside the shard (absolute or '..'): not read"
+        elif not member.isfile():
+            continue
+        elif too_large(member.size, max_member):
+            yield member.name, None, too_large(member.size, max_member)
+        else:
+            yield member.name, tar.extractfile(member).read(), None
+
+
+def _sample(uri: str, key: str, parts: dict[str, bytes], problem: str | None) -> Iterator[Record]:
+    if problem is not None:
+        yield Record(f"{uri}#{key}", b"", skipped=problem)
+        return
+    rec = _record(uri, key, parts)
+    if rec is not None:
+        yield rec
+
+
+def read_shard(uri: str, max_member: int = MAX_IMAGE_BYTES, max_bytes: int = MAX_SHARD_BYTES) -> Iterator[Record]:
+    """The samples of one ``.tar`` shard (plain, gzip, bzip2 or xz), in file order, read sequentially: memory
+    holds one sample. A member over ``max_member`` bytes (or a sample over it in all) and a member named outside
+    the shard are not read: each comes out as a :class:`Record` with ``skipped`` set, as does the rest of a shard
+    past ``max_bytes`` decompressed bytes or with a tar header over ``max_member`` bytes."""
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    problem: str | None = None
     try:
-        with storage.open_read(uri) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            key, parts = None, {}
-            for member in tar:
-                if member.isfile():
-                    k, ext = _split_member(member.name)
-                    if k != key and parts:
-                        rec = _record(uri, key, parts)
-                        if rec is not None:
-                            yield rec
-                        parts = {}
+        with storage.open_read(uri) as f:
+            body = _Metered(_decompressed(f), max_bytes, max_member + 64 * tarfile.BLOCKSIZE)
+            with tarfile.open(fileobj=body, mode="r|") as tar:
+                for name, data, reason in _members(tar, body, max_member):
+                    unsafe = name is None or _unsafe_member(name)
+                    k, ext = (f"<member {name!r}>" if name else "<rest>", "") if unsafe else _split_member(name)
+                    if k != key and (parts or problem):
+                        yield from _sample(uri, key, parts, problem)
+                        parts, problem = {}, None
+                    if unsafe:  # its own skipped sample, in file order
+                        key = None
+                        if name is None:
+                            log.warning("shard %s: %s: the rest of it is not read", uri, reason)
+                            reason = f"rest of the shard not read: {reason}"
+                        yield Record(f"{uri}#{k}", b"", skipped=reason)
+                        continue
                     key = k
-                    parts[ext] = tar.extractfile(member).read()
-                tar.members = []  # stream mode keeps every TarInfo otherwise
-            if parts:
-                rec = _record(uri, key, parts)
-                if rec is not None:
-                    yield rec
-    except (tarfile.TarError, OSError, BotoCoreError) as e:
+                    if problem is None and data is not None and sum(map(len, parts.values())) + len(data) > max_member:
+                        reason = f"sample of over {max_member} bytes (the limit of one image file)"
+                    if reason is not None:
+                        parts, problem = {}, problem or reason
+                    elif problem is None:
+                        parts[ext] = data
+        if parts or problem:
+            yield from _sample(uri, key, parts, problem)
+    except _ShardTooLarge as e:  # within a member: the sample being read, and any after it, one skipped record
+        log.warning("shard %s: %s: the rest of it is not read", uri, e)
+        rest = f"<rest from {key}>" if key is not None else "<rest>"
+        yield Record(f"{uri}#{rest}", b"", skipped=f"rest of the shard not read: {e}")
+    except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error, BotoCoreError) as e:
         raise EupeError(f"cannot read shard {uri}: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
-def _shuffled(records: Iterator[Record], size: int, rng: random.Random) -> Iterator[Record]:
-    """Shuffle buffer: hold up to ``size`` records, emit a random one for each new one read."""
+def _shuffled(records: Iterator[Record], size: int, rng: random.Random,
+              max_bytes: int = SHUFFLE_BUFFER_BYTES) -> Iterator[Record]:
+    """Shuffle buffer: hold up to ``size`` records (and ``max_bytes`` of their data), emit a random one for
+    each new one read."""
     buf: list[Record] = []
+    held = 0
     for rec in records:
         buf.append(rec)
-        if len(buf) >= size:
+        held += len(rec.data)
+        while buf and (len(buf) >= size or held > max_bytes):
             j = rng.randrange(len(buf))
             buf[j], buf[-1] = buf[-1], buf[j]
-            yield buf.pop()
+            out = buf.pop()
+            held -= len(out.data)
+            yield out
     rng.shuffle(buf)
     yield from buf
 
@@ -272,9 +407,9 @@ class ImageStream(IterableDataset):
     :func:`stream_loader` sets rank, world size, transform and the resume position.
     """
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
         super().__init__()
-        self.seed = seed
+        self.seed, self.max_pixels = seed, max_pixels
         self.rank, self.world_size = 0, 1
         self.transform: Callable[[Image.Image, int], Any] | None = None
         self.start_batch, self.batch_size = 0, 1
@@ -298,7 +433,9 @@ class ImageStream(IterableDataset):
             if n < done:
                 continue
             try:
-                image = decode(rec.data, rec.uri)
+                if rec.skipped:
+                    raise UndecodableImage(rec.uri, rec.skipped)
+                image = decode(rec.data, rec.uri, self.max_pixels)
             except UndecodableImage as e:
                 skipped += 1
                 log.warning("skipping undecodable image %s", e)
@@ -315,8 +452,9 @@ class ShardStream(ImageStream):
     ``label`` and ``domain``), local or on S3. Reader ``r`` of ``R`` owns shards ``r, r + R, ...``;
     each epoch it visits them in an order seeded by ``(seed, epoch, r)`` through a shuffle buffer."""
 
-    def __init__(self, shards: Sequence[str], seed: int = 0, shuffle_buffer: int = 1000):
-        super().__init__(seed)
+    def __init__(self, shards: Sequence[str], seed: int = 0, shuffle_buffer: int = 1000,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        super().__init__(seed, max_pixels)
         if not shards:
             raise EupeError("a shard stream needs at least one .tar shard")
         self.shards, self.shuffle_buffer = list(shards), shuffle_buffer
@@ -350,8 +488,8 @@ class ShardStream(ImageStream):
 class IndexStream(ImageStream):
     """A map-style source as a stream: each epoch, a seeded permutation dealt round-robin to the readers."""
 
-    def __init__(self, source: ImageSource, seed: int = 0):
-        super().__init__(seed)
+    def __init__(self, source: ImageSource, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
+        super().__init__(seed, max_pixels)
         self.source, self.classes = source, source.classes
 
     def check_readers(self, readers: int) -> None:
@@ -363,7 +501,7 @@ class IndexStream(ImageStream):
         order = list(range(len(self.source)))
         random.Random(f"index/{self.seed}/{epoch}").shuffle(order)
         for i in order[reader::readers]:
-            yield Record(self.source.uri(i), self.source.read_bytes(i), self.source.label(i), self.source.domain(i))
+            yield _read_record(self.source, i)
 
     def records(self, reader: int, readers: int) -> Iterator[Record]:
         epoch = 0
@@ -377,8 +515,8 @@ class MixedStream(ImageStream):
     A non-empty ``domains[k]`` labels every sample of stream ``k``."""
 
     def __init__(self, streams: Sequence[ImageStream], weights: Sequence[float],
-                 domains: Sequence[str | None] | None = None, seed: int = 0):
-        super().__init__(seed)
+                 domains: Sequence[str | None] | None = None, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
+        super().__init__(seed, max_pixels)
         if not streams or len(streams) != len(weights):
             raise EupeError(f"a mixture needs one weight per source, got {len(streams)} sources and {len(weights)} weights")
         self.streams, self.weights = list(streams), list(weights)
@@ -416,9 +554,11 @@ def _expand_glob(pattern: str) -> list[str]:
     return found
 
 
-def open_uri(uri: str | Path, seed: int = 0, shuffle_buffer: int = 1000) -> ImageSource | ShardStream:
+def open_uri(uri: str | Path, seed: int = 0, shuffle_buffer: int = 1000,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSource | ShardStream:
     """One dataset URI -> a source: a local folder or ``s3://`` prefix of images (map-style), or ``.tar``
-    shards (a stream) given as one shard, a glob (``s3://b/train-*.tar``) or a folder/prefix of shards."""
+    shards (a stream) given as one shard, a glob (``s3://b/train-*.tar``) or a folder/prefix of shards.
+    Its images decode with ``max_pixels`` (``validation.max_pixels``): a larger one is skipped and counted."""
     uri = str(uri)
     if any(c in uri for c in _GLOB_CHARS):
         files = _expand_glob(uri)
@@ -435,18 +575,19 @@ def open_uri(uri: str | Path, seed: int = 0, shuffle_buffer: int = 1000) -> Imag
         if images and shards:
             raise EupeError(f"{uri} holds both images and {SHARD_SUFFIX} shards: point at one of them")
         if images:
-            return S3ImageFolder(uri) if storage.is_s3(uri) else ImageFolder(uri)
+            return S3ImageFolder(uri, max_pixels) if storage.is_s3(uri) else ImageFolder(uri, max_pixels)
         if not shards:
             raise EupeError(f"no images in {uri} (looked for {', '.join(IMAGE_SUFFIXES)} and {SHARD_SUFFIX} shards)")
     tars = [f for f in files if f.lower().endswith(SHARD_SUFFIX)]
     if len(tars) != len(files):
         odd = next(f for f in files if not f.lower().endswith(SHARD_SUFFIX))
         raise EupeError(f"{uri}: expected only {SHARD_SUFFIX} shards, found {odd}")
-    return ShardStream(tars, seed=seed, shuffle_buffer=shuffle_buffer)
+    return ShardStream(tars, seed=seed, shuffle_buffer=shuffle_buffer, max_pixels=max_pixels)
 
 
-def open_data(data: DataConfig, seed: int = 0) -> ImageSource | ImageStream:
-    """The training data of a config: ``data.sources`` mixed by weight, or ``data.root`` alone.
+def open_data(data: DataConfig, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSource | ImageStream:
+    """The training data of a config: ``data.sources`` mixed by weight, or ``data.root`` alone, decoded with the
+    pixel limit of its validation (pass ``cfg.validation.max_pixels``).
 
     Map-style when every source is (folders, local or S3): a :class:`Mixture`, or the source itself when
     there is one and it has no domain. As soon as one source is ``.tar`` shards, everything streams:
@@ -455,17 +596,17 @@ def open_data(data: DataConfig, seed: int = 0) -> ImageSource | ImageStream:
     from eupe.config import SourceSpec
 
     specs = list(data.sources) or [SourceSpec(uri=data.root)]
-    opened = [open_uri(s.uri, seed, data.shuffle_buffer) for s in specs]
+    opened = [open_uri(s.uri, seed, data.shuffle_buffer, max_pixels) for s in specs]
     weights = [s.weight for s in specs]
     domains = [s.domain for s in specs]
     if not any(isinstance(o, ImageStream) for o in opened):
         if len(opened) == 1 and domains[0] is None:
             return opened[0]
         return Mixture(opened, weights, domains)
-    streams = [o if isinstance(o, ImageStream) else IndexStream(o, seed) for o in opened]
+    streams = [o if isinstance(o, ImageStream) else IndexStream(o, seed, max_pixels) for o in opened]
     if len(streams) == 1 and domains[0] is None:
         return streams[0]
-    return MixedStream(streams, weights, domains, seed)
+    return MixedStream(streams, weights, domains, seed, max_pixels)
 
 
 def iter_records(source: ImageSource | ImageStream) -> Iterator[Record]:
@@ -477,7 +618,16 @@ def iter_records(source: ImageSource | ImageStream) -> Iterator[Record]:
         raise EupeError(f"{type(source).__name__} is endless: scan each of its sources instead")
     else:
         for i in range(len(source)):
-            yield Record(source.uri(i), source.read_bytes(i), source.label(i), source.domain(i))
+            yield _read_record(source, i)
+
+
+def _read_record(source: ImageSource, index: int) -> Record:
+    """Image ``index`` of a map-style source, undecoded; a file too large to read is a skipped record."""
+    try:
+        data, skipped = source.read_bytes(index), None
+    except UndecodableImage as e:
+        data, skipped = b"", e.reason
+    return Record(source.uri(index), data, source.label(index), source.domain(index), skipped)
 
 
 def write_shards(source: ImageSource, out_dir: str | Path, per_shard: int, prefix: str = "shard") -> list[Path]:
@@ -490,7 +640,7 @@ def write_shards(source: ImageSource, out_dir: str | Path, per_shard: int, prefi
     with storage.atomic_dir(out_dir) as tmp:
         tar: tarfile.TarFile | None = None
         try:
-            for i, rec in enumerate(iter_records(source)):
+            for i, rec in enumerate(r for r in iter_records(source) if not r.skipped):
                 if i % per_shard == 0:
                     if tar is not None:
                         tar.close()
