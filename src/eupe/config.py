@@ -163,6 +163,17 @@ class StageConfig(_Strict):
         return self
 
 
+class DistributedConfig(_Strict):
+    """How a stage runs on many devices (``torchrun``): DDP, or FSDP2 sharding per transformer block."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    shard_targets: bool = True  # fsdp: shard the frozen targets (teachers, proxy) per block too
+    activation_checkpointing: bool = False  # recompute each block of the trained encoder in the backward
+    compile: bool = False  # torch.compile each block of the trained encoder
+    param_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # fsdp: unsharded params (auto: bf16 when autocast is)
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp: gradient reduce-scatter
+
+
 # Metrics the quality gate knows, with their direction: True = higher is better.
 GATED_METRICS: dict[str, bool] = {
     "knn_top1": True, "seg_miou": True, "depth_rmse": False, "depth_delta1": True, "keypoint_pck": True, "fidelity": True,
@@ -260,6 +271,7 @@ class Config(_Strict):
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     latency: LatencyConfig = LatencyConfig()
+    distributed: DistributedConfig = DistributedConfig()
     stage1: StageConfig = StageConfig(
         iters=390_000, batch_size=8192, lr=2e-5, adapter_hidden=1536, resolutions=[448]
     )

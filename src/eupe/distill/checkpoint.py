@@ -38,14 +38,26 @@ def tensors_for_disk(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
 
 
+OPTIM_DIR = "optim"  # sharded optimizer state (torch.distributed.checkpoint) of an FSDP run
+
+
+def optim_staging(root: Path, step: int) -> Path:
+    """Where every rank of an FSDP run writes its optimizer shard before rank 0 publishes the checkpoint."""
+    return root / f".optim-{step:08d}"
+
+
 def save(root: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = 2,
          first: bool = False) -> Path:
     """Write ``step_<step>`` atomically, point ``latest.json`` at it, keep the newest ``keep``. ``first``:
-    the first save of a fresh run, which replaces every checkpoint an older run left in ``root``."""
+    the first save of a fresh run, which replaces every checkpoint an older run left in ``root``. The
+    optimizer shards an FSDP run staged in :func:`optim_staging` move in as ``optim/``."""
     final = root / f"step_{step:08d}"
+    staged = optim_staging(root, step)
     with storage.atomic_dir(final) as tmp:
         save_file(tensors_for_disk(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
         torch.save({**train_state, "step": step}, tmp / STATE_FILE)
+        if staged.is_dir():
+            staged.rename(tmp / OPTIM_DIR)
     storage.write_json(str(root / "latest.json"), {"step": step, "path": final.name})
     prune(root, keep, newest=final if first else None)
     return final
@@ -56,7 +68,7 @@ def prune(root: Path, keep: int, newest: Path | None = None) -> None:
     goes too: the ``.tmp-*`` / ``.old-*`` leftovers of a run killed mid-save would otherwise sort among
     the checkpoints and push real ones out (only rank 0 writes here, so none of them is in use)."""
     kept = {newest} if newest is not None else set(_complete(root)[-keep:])
-    for path in set(root.glob("step_*")) - kept:
+    for path in (set(root.glob("step_*")) | set(root.glob(".optim-*"))) - kept:  # .optim-*: a killed save's shards
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -6,17 +6,19 @@ and, after every checkpoint, uploads it to ``<out>/checkpoints/step_<N>/`` (``_S
 ``<out>/checkpoints/latest.json``. A retried pod on another node (``--resume``) with an empty cache
 downloads the checkpoint ``latest.json`` names and continues from it; the deliverables (encoder, losses,
 curve) and ``result.json`` are published by the step's :class:`eupe.step.StepRun` as for any ``--out``.
-Checkpoints older than the last ``keep`` are removed from the bucket as they are locally.
+Checkpoints older than the last ``keep`` are removed from the bucket as they are locally. Under FSDP every
+rank other than 0 adds its optimizer shards (:meth:`CheckpointMirror.push_shards`) after rank 0 uploaded the
+checkpoint and before rank 0 publishes ``latest.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
 from eupe import storage
+from eupe.errors import EupeError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,10 @@ class CheckpointMirror:
         if not storage.exists(latest_uri):
             return
         marker = storage.read_bytes(latest_uri)  # checkpoint.save's own latest.json, as push uploaded it
-        name = json.loads(marker)["path"]
+        data = storage.parse_json(marker, latest_uri)
+        name = data.get("path") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name.startswith("step_") or Path(name).name != name or ".." in name:
+            raise EupeError(f"{latest_uri}: not a checkpoint marker (its path must name a step_* folder)")
         local = checkpoint.latest(ckpt_dir)
         if local is not None and local.name >= name:
             return
@@ -53,9 +58,27 @@ class CheckpointMirror:
         storage.download_dir(f"{self.remote}/{name}", ckpt_dir / name)
         storage.write_bytes(str(ckpt_dir / LATEST), marker)
 
+    def push_shards(self, staging: Path, step: int) -> None:
+        """An FSDP rank other than 0: its optimizer shards (``checkpoint.optim_staging``) into the bucket's
+        ``step_<N>/optim/``, before rank 0 publishes the checkpoint with its own shard and ``latest.json``."""
+        import shutil
+
+        from eupe.distill.checkpoint import OPTIM_DIR
+
+        storage.publish_files(staging, f"{self.remote}/step_{step:08d}/{OPTIM_DIR}")  # adds; removes nothing
+        shutil.rmtree(staging, ignore_errors=True)
+
     def push(self, checkpoint_dir: Path, keep: set[str]) -> None:
         """Upload one saved checkpoint, then the ``latest.json`` naming it, and drop the ones not kept."""
+        self.upload(checkpoint_dir)
+        self.publish(checkpoint_dir, keep)
+
+    def upload(self, checkpoint_dir: Path) -> None:
+        """The checkpoint's files (objects an earlier upload of the same step left are removed)."""
         storage.upload_dir(checkpoint_dir, self.uri(checkpoint_dir))
+
+    def publish(self, checkpoint_dir: Path, keep: set[str]) -> None:
+        """``latest.json`` naming the uploaded checkpoint, then the bucket's older checkpoints not kept go."""
         storage.write_bytes(f"{self.remote}/{LATEST}", (checkpoint_dir.parent / LATEST).read_bytes())
         for uri in storage.list_uris(self.remote):
             name = uri[len(self.remote) + 1:].split("/", 1)[0]

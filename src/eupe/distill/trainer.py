@@ -11,7 +11,6 @@ and the EUPE loss is averaged over micro-batches (gradient accumulation to the g
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from eupe import metrics, results, storage
@@ -35,6 +33,7 @@ from eupe.distill.runtime import Runtime, setup, teardown, warmup_cosine
 from eupe.distill.targets import (Target, build_targets, check_init, check_models, check_proxy, model_inputs,
                                   prepare_for, student_spec, target_features, target_specs)
 from eupe.distill import resume as resume_check
+from eupe.distill.parallel import full_state, load_optimizer, no_sync, parallelize, save_optimizer
 from eupe.distill.preempt import Preemption
 from eupe.distill.resume import Counters, first_line, load_init
 from eupe.errors import EupeError, Preempted
@@ -127,7 +126,7 @@ def micro_step(ddp: nn.Module, targets: list[Target], stats: dict[str, FeatureSt
     with rt.autocast():
         grids, normed = target_batch(targets, stats, images, sizes)
     x = prepare_for(getattr(ddp, "module", ddp).encoder, images, sizes["student"], *student_norm)
-    with (ddp.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
+    with no_sync(ddp, sync), rt.autocast():
         loss, parts = student_loss(ddp, x, grids, normed, targets, loss_cfg)
         loss = loss / accum
     loss.backward()
@@ -139,6 +138,7 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, sched, grad_cli
     schedule once, clear the gradients. Returns the learning rate this step used and the norm before clipping."""
     lr = opt.param_groups[0]["lr"]
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor over the shards
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -264,18 +264,22 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
     model = build_distill_model(cfg, stage, stats, targets)
     if init is not None:  # stage 3 continues the stage-2 encoder and adapters
         load_init(model, init)
+    if state is not None:  # whole weights into the whole model, before it is sharded
+        try:
+            model.load_state_dict(state[0])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise EupeError(f"--resume: {last} does not fit this model: {first_line(e)}") from None
     model.to(rt.device).train()
     student_norm = model_inputs(model.encoder, rt.device)  # the student's input mean/std
-    ddp = DistributedDataParallel(model) if rt.world_size > 1 else model
+    ddp = parallelize(model, targets, cfg, rt)  # DDP, FSDP2 shards, activation checkpointing, compile
     opt, sched = build_optimizer(model, st)
     history, start, counters = History(), 0, Counters()
     if state is not None:
-        weights, state = state
+        state = state[1]
         try:
-            model.load_state_dict(weights)
-            opt.load_state_dict(state["optimizer"])
+            load_optimizer(model, opt, state, last)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise EupeError(f"--resume: {last} does not fit this model: {first_line(e)}") from None
+            raise EupeError(f"--resume: {last}'s optimizer state does not fit this model: {first_line(e)}") from None
         sched.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         history = History(**state["history"])
@@ -329,14 +333,24 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
         if (step + 1) % st.checkpoint_every == 0 or step + 1 == st.iters or stop:
             total = Counters(counters.images + seen, counters.skipped + round(rt.mean(float(skipped)) * rt.world_size),
                              counters.train_s + time.perf_counter() - t0)  # every rank joins the reduction
+            weights = full_state(model)  # every rank: FSDP gathers the shards to rank 0
+            staging = checkpoint.optim_staging(ckpt_dir, step + 1)
+            optim = save_optimizer(model, opt, staging)  # FSDP: every rank writes its shard
             if rt.is_main:
-                last_ckpt = checkpoint.save(ckpt_dir, step + 1, model.state_dict(), {
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
+                last_ckpt = checkpoint.save(ckpt_dir, step + 1, weights, {
+                    "optimizer": optim, "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
                     "history": history.__dict__, "fingerprint": fp, "norm": norm_digest, "config": config,
                     "counters": total.as_dict(),
                 }, first=fresh)
                 if mirror is not None:
-                    mirror.push(last_ckpt, keep={p.name for p in ckpt_dir.glob("step_*")})
+                    mirror.upload(last_ckpt)
+            if optim is None and mirror is not None:  # FSDP into s3://: each rank's shard is in its own folder
+                rt.barrier()  # after rank 0's upload, which clears what an earlier upload of this step left
+                if not rt.is_main:
+                    mirror.push_shards(staging, step + 1)
+                rt.barrier()  # every shard in the bucket before latest.json names the checkpoint
+            if rt.is_main and mirror is not None:
+                mirror.publish(last_ckpt, keep={p.name for p in ckpt_dir.glob("step_*")})
             fresh = False
             rt.barrier()
         if stop and step + 1 < st.iters:
@@ -348,6 +362,7 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
 
     total = Counters(counters.images + seen, counters.skipped + round(rt.mean(float(skipped)) * rt.world_size),
                      counters.train_s + wall)  # the whole run, over every resume; every rank joins the reduction
+    weights = full_state(model)  # every rank joins an FSDP gather
     if not rt.is_main:
         return {}
     last_ckpt = last_ckpt or checkpoint.latest(ckpt_dir)
@@ -358,4 +373,4 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
         "images_per_s": total.images / total.train_s if total.train_s > 0 else 0.0, "train_s": total.train_s,
         "wall_s": wall, "skipped_images": total.skipped, "world_size": rt.world_size, "global_batch": st.batch_size,
         "accumulation": accum,
-    }, checkpoint_dir=last_ckpt, encoder_state={k: v for k, v in model.encoder.state_dict().items()})
+    }, checkpoint_dir=last_ckpt, encoder_state={k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
