@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from eupe.errors import EupeError
 
@@ -13,7 +12,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     size = args.size[0] if len(args.size) == 1 else tuple(args.size)
     try:
-        info = synthesize(Path(args.out), args.num_images, size=size, seed=args.seed, fmt=args.format,
+        info = synthesize(args.out, args.num_images, size=size, seed=args.seed, fmt=args.format,
                           num_classes=args.classes, dense=args.dense)
     except (ValueError, FileExistsError) as e:  # bad arguments, or a folder synth did not write
         raise EupeError(f"data synth: {e}") from None

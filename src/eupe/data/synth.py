@@ -475,14 +475,16 @@ def synthesize(
     ``<index>.depth.png``), listed under ``labels`` in the manifest.
     """
     from eupe.errors import EupeError
+    from eupe import storage
     from eupe.fingerprint import fingerprint
     from eupe.step import StepRun
 
     params = _params(num_images, size, seed, fmt, num_classes, dense)
-    out_dir = Path(out_dir)
+    local = not storage.is_s3(out_dir)  # an s3:// prefix: written through the step's staging, uploaded
+    out_dir = Path(out_dir) if local else str(out_dir).rstrip("/")
 
     previous = None
-    if out_dir.exists():
+    if local and out_dir.exists():
         if not out_dir.is_dir():
             raise FileExistsError(f"synthesize: out_dir {out_dir} exists and is not a directory")
         previous = _read_manifest(out_dir)
@@ -500,7 +502,7 @@ def synthesize(
     except EupeError as e:
         raise FileExistsError(f"synthesize: {e}") from None
     if run.done:
-        existing = _complete_run(out_dir, params)
+        existing = _complete_run(out_dir, params) if local else _s3_manifest(run.path(MANIFEST_NAME), params)
         if existing is not None:
             logger.info("synth: %s already holds %d images with these parameters; skipping",
                         out_dir, params["num_images"])
@@ -510,12 +512,24 @@ def synthesize(
     with run.staging() as tmp_dir:
         manifest = _write(tmp_dir, params, size, class_names, out_dir)
     for name in (previous or {}).get("classes", []):  # an earlier run's class folders this run has not
-        if name not in class_names and (out_dir / name).is_dir():
+        if local and name not in class_names and (out_dir / name).is_dir():
             shutil.rmtree(out_dir / name)
     run.finish({"images": len(manifest["files"]), "classes": len(class_names)},
                {"data": out_dir, "manifest": run.path(MANIFEST_NAME)})
     logger.info("synth: wrote %d images to %s", params["num_images"], out_dir)
     return json.loads(json.dumps(manifest))  # exactly what synth.json holds (JSON-normalised), as the skip path
+
+
+def _s3_manifest(uri: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """synth.json of an up-to-date run on S3 (its result.json vouched for its files), or None."""
+    from eupe import storage
+    from eupe.errors import EupeError
+
+    try:
+        manifest = storage.read_json(uri)
+    except EupeError:
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("params") == params else None
 
 
 def _read_manifest(out_dir: Path) -> dict[str, Any] | None:

@@ -72,7 +72,7 @@ def _dvc_file(target: Path, repo: Path, dvc_file: str | None) -> Path:
 def _out_entry(f: Path) -> dict[str, Any]:
     try:
         return yaml.safe_load(f.read_text())["outs"][0]
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+    except (OSError, ValueError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:  # ValueError: not UTF-8
         raise EupeError(f"{f}: not a DVC file with an output ({type(e).__name__})") from None
 
 
@@ -83,7 +83,7 @@ def standalone_repo(folder: str | Path, project: Path | None = None) -> Path:
     refuse one there, and a scheduled run commits nothing to git anyway. Callers hold :func:`repo_lock`."""
     root = Path(folder).absolute()
     config_file = root / ".dvc" / "config"
-    if config_file.is_file() and "[cache]" in config_file.read_text():  # set up (the config is written last)
+    if config_file.is_file() and b"[cache]" in config_file.read_bytes():  # set up (the config is written last)
         return root
     project = find_repo(Path.cwd() if project is None or "://" in str(project) else Path(project))
     from dvc.config import Config  # the project's merged config (config + config.local), local urls made absolute

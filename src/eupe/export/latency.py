@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import platform
+import re
+import struct
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +27,27 @@ from eupe.step import StepRun
 log = logging.getLogger(__name__)
 
 LATENCY_FILE = "latency.json"
+# A .pte is a flatbuffer whose file_identifier (bytes 4-8) is "ET" and the schema's two digits (executorch
+# schema/program.fbs: "ET12"), optionally followed by an extended header "eh00" <u32 length> <u64 program size>
+# <u64 segment base offset> [<u64 segment data size>] (exir/_serialize/_program.py, _ExtendedHeader), little endian.
+_PTE_IDENTIFIER = re.compile(rb"ET[0-9]{2}")
+_EXTENDED_HEADER = b"eh00"
+
+
+def check_program(path: Path, uri: str) -> None:
+    """Refuse (one line) a file that is not a whole ExecuTorch program before the runtime reads it: on some
+    garbage the runtime aborts the process instead of raising."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if len(head) < 8 or not _PTE_IDENTIFIER.fullmatch(head[4:8]):
+        raise EupeError(f"--pte {uri}: not an ExecuTorch program (no ET.. identifier at byte 4, found {head[4:8]!r})")
+    if head[8:12] == _EXTENDED_HEADER and len(head) >= 32:
+        length, program, base = struct.unpack_from("<IQQ", head, 12)
+        segments = struct.unpack_from("<Q", head, 32)[0] if length > 24 and len(head) >= 40 else 0  # optional
+        need = max(program, base + segments if base else 0)
+        if need > size:
+            raise EupeError(f"--pte {uri}: truncated ExecuTorch program ({size} bytes, its header says {need})")
 
 
 def run_latency(cfg: Config, pte_uri: str, out: str | Path, model: str, resolution: int | None = None,
@@ -40,6 +63,7 @@ def run_latency(cfg: Config, pte_uri: str, out: str | Path, model: str, resoluti
     if run.done:
         return run.done
     pte = storage.local_copy(pte_uri)
+    check_program(pte, str(pte_uri))
     forward = load_forward(pte, str(pte_uri))
     shape = forward.input_shape
     if len(shape) != 4 or shape[-1] != shape[-2]:
