@@ -175,6 +175,9 @@ class EupePyTorchJobOperator(EupeTask, BaseOperator):
         meta["annotations"] = {**(meta.get("annotations") or {}), "eupe/run-id": self.pipeline_run(context).run_id,
                                "eupe/airflow-run-id": str(context["run_id"])}
         spec = job["spec"]
+        if isinstance(spec.get("elasticPolicy"), dict):  # torchrun's c10d rendezvous on this job's Master
+            spec["elasticPolicy"].update(rdzvHost=f"{meta['name']}-master-0", minReplicas=self.nodes,
+                                         maxReplicas=self.nodes)
         replicas = spec["pytorchReplicaSpecs"]
         replicas["Master"]["replicas"] = 1
         if self.nodes > 1:

@@ -33,6 +33,7 @@ metadata:
   labels: {app.kubernetes.io/managed-by: Helm}
 spec:
   nprocPerNode: "8"
+  elasticPolicy: {rdzvBackend: c10d, rdzvPort: 23456, minReplicas: 2, maxReplicas: 2, maxRestarts: 3}
   runPolicy: {cleanPodPolicy: Running}
   pytorchReplicaSpecs:
     Master:
@@ -232,6 +233,9 @@ def test_the_submitted_job_is_the_template_with_name_labels_workers_and_the_step
                               "eupe/run": "w2", "eupe/step": "train_stage2", "eupe/try": "1"}
     spec = job["spec"]
     assert spec["nprocPerNode"] == "8" and spec["runPolicy"] == {"cleanPodPolicy": "Running"}
+    # a lost worker restarts the group (torchrun --max-restarts) around a rendezvous on this job's Master
+    assert spec["elasticPolicy"] == {"rdzvBackend": "c10d", "rdzvPort": 23456, "rdzvHost": f"{name}-master-0",
+                                     "minReplicas": 2, "maxReplicas": 2, "maxRestarts": 3}
     master, worker = spec["pytorchReplicaSpecs"]["Master"], spec["pytorchReplicaSpecs"]["Worker"]
     assert (master["replicas"], worker["replicas"]) == (1, 1)
     m = master["template"]["spec"]

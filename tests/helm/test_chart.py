@@ -242,6 +242,9 @@ def test_pytorchjob_template_contract(all_on_docs):
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert set(replicas) == {"Master", "Worker"}
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 3  # training.nodes - 1
+    # a lost worker restarts the worker group, which resumes (test_elastic.py runs the same torchrun locally)
+    assert job["spec"]["elasticPolicy"] == {"rdzvBackend": "c10d", "rdzvPort": 23456, "minReplicas": 4,
+                                            "maxReplicas": 4, "maxRestarts": 3}
     for role, r in replicas.items():
         assert r["restartPolicy"] == "ExitCode", role  # never restart bad input (exit 2) in place
         spec = r["template"]["spec"]

@@ -93,6 +93,15 @@ metadata:
     app.kubernetes.io/component: training
 spec:
   nprocPerNode: {{ $t.nprocPerNode | toString | quote }}
+  # torchrun with a c10d rendezvous on the Master's port: a worker that dies restarts the whole worker group
+  # (up to maxRestarts times), which resumes from the last checkpoint (the step runs with --resume auto).
+  # The Airflow operator sets rdzvHost (<job>-master-0) and min/maxReplicas (the step's nodes) per job.
+  elasticPolicy:
+    rdzvBackend: c10d
+    rdzvPort: {{ $t.masterPort }}
+    minReplicas: {{ $t.nodes }}
+    maxReplicas: {{ $t.nodes }}
+    maxRestarts: {{ $t.maxRestarts }}
   runPolicy:
     cleanPodPolicy: {{ $t.cleanPodPolicy }}
     backoffLimit: {{ $t.backoffLimit }}

@@ -70,12 +70,29 @@ def setup(cfg: Config) -> Runtime:
     rank = 0
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", **_attempt_store())
         rank = dist.get_rank()
         if not use_cuda:  # share the cores instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda and torch.cuda.is_bf16_supported())
     return Runtime(device=device, rank=rank, world_size=world, amp_dtype=torch.bfloat16 if bf16 else None)
+
+
+def _attempt_store() -> dict:
+    """Under torchrun, a store of this restart attempt's own (``init_process_group`` arguments).
+
+    torchrun restarts the whole worker group when a worker dies (``--max-restarts``); the new workers meet in
+    the agent's store, which still holds the addresses the dead group published, and gloo connects to those
+    (connection refused). A prefix per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps each group's keys apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return {}
+    import datetime
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(minutes=30))
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return {"store": dist.PrefixStore(f"eupe/attempt_{attempt}", store), "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def teardown() -> None:
