@@ -104,3 +104,11 @@ def test_crash_mid_training_exits_1_with_the_traceback(trained, tmp_path):
     assert "eupe/distill/trainer.py" in err, err[-3000:]  # raised from inside the training loop
     assert "eupe: error:" not in err
     assert not (out / "result.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_version_is_the_packages(capsys):
+    import eupe
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"eupe {eupe.__version__}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from eupe.commands import config_args, input_overrides, load
 from eupe.data import commands as data_commands
-from eupe import invocation
+from eupe import __version__, invocation
 from eupe.errors import EupeError, Preempted
 from eupe.evaluate import commands as evaluate_commands
 from eupe.export import commands as export_commands
@@ -69,6 +69,7 @@ def one_line(e: EupeError) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eupe", description="EUPE: distil vision teachers into one small universal encoder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"eupe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<step>")
 
     data = sub.add_parser("data", help="dataset steps").add_subparsers(dest="data_command", required=True, metavar="<action>")
