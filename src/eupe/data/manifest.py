@@ -120,7 +120,7 @@ def write_manifest(source: Any, path: str | Path, workers: int = 4, max_pixels: 
     """Scan ``source`` (an ``ImageSource``, or a ``ShardStream`` of ``.tar`` shards) into the Parquet file
     ``path`` (written to a temporary name, then renamed).
     Returns counts: ``images``, ``decodable``, ``undecodable``, ``bytes``."""
-    from tqdm import tqdm
+    from eupe.progress import progress as bar
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,8 +130,8 @@ def write_manifest(source: Any, path: str | Path, workers: int = 4, max_pixels: 
         with pq.ParquetWriter(tmp, SCHEMA) as writer:
             batch: list[dict[str, Any]] = []
             total = len(source) if hasattr(source, "__len__") else None  # shards: counted as they stream
-            rows = tqdm(scan_rows(source, workers, max_pixels), total=total, desc="scan", unit="img",
-                        mininterval=2, disable=not progress)
+            rows = bar(scan_rows(source, workers, max_pixels), total=total, desc="scan", unit="img",
+                       disable=not progress)
             for row in rows:
                 batch.append(row)
                 counts["images"] += 1

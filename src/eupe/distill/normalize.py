@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from eupe.progress import progress
 
 from eupe import storage
 from eupe.config import Config
@@ -168,7 +168,7 @@ def run_normalize(cfg: Config, stage: int, out: str | Path, manifest: str | None
     loader = DataLoader(Subset(DistillImages(source, size, train=False), indices),
                         batch_size=cfg.normalization.batch_size, num_workers=cfg.data.num_workers)
     accs = {t.name: StatsAccumulator() for t in targets}
-    for images, *_ in tqdm(loader, desc=f"normalize stage{stage}", unit="batch", mininterval=2):
+    for images, *_ in progress(loader, desc=f"normalize stage{stage}", unit="batch"):
         for t in targets:
             for r in t.resolutions:
                 f = target_features(t, images, r)

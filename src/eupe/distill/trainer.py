@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from eupe.progress import progress
 
 from eupe import metrics, results, storage
 from eupe.config import Config, LossConfig, StageConfig
@@ -299,7 +299,7 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
                                    pin_memory=rt.device.type == "cuda"))
 
     # --- the loop --------------------------------------------------------------------------------
-    bar = tqdm(total=st.iters, initial=start, desc=f"stage{stage}", unit="step", disable=not rt.is_main, mininterval=2)
+    bar = progress(total=st.iters, initial=start, desc=f"stage{stage}", unit="step", disable=not rt.is_main)
     t0, seen, last_ckpt, skipped = time.perf_counter(), 0, last, 0
     live = metrics.serve_training(stage, st.iters, st.batch_size, main=rt.is_main)  # /metrics with EUPE_METRICS_PORT
     for step in range(start, st.iters):

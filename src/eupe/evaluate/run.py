@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from eupe.progress import progress
 
 from eupe import storage
 from eupe.config import Config, ModelSpec
@@ -117,7 +117,7 @@ def encode(model: torch.nn.Module, loader: DataLoader, rt: Runtime, size: int, k
     mean, std = model_inputs(model, rt.device)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("cls", "patches", "label", "mask", "depth", "image")}
     grid, skipped = None, 0
-    for batch in tqdm(loader, desc=desc, unit="batch", mininterval=2):
+    for batch in progress(loader, desc=desc, unit="batch"):
         with rt.autocast():
             f = extract_features(model, prepare_for(model, batch["image"], size, mean, std))
         grid, skipped = f.grid, skipped + int(batch["skipped"].sum())
@@ -204,7 +204,7 @@ def _fidelity(cfg: Config, inputs: Inputs, held: Encoded, rt: Runtime, size: int
     adapters = build_adapters(inputs.checkpoint, inputs.adapters, stats, (held.cls.shape[-1], held.patches.shape[-1]))
     sums = {n: torch.zeros(2) for n in names}
     bs = cfg.eval.batch_size
-    for start in tqdm(range(0, held.images.shape[0], bs), desc="fidelity", unit="batch", mininterval=2):
+    for start in progress(range(0, held.images.shape[0], bs), desc="fidelity", unit="batch"):
         sl = slice(start, start + bs)
         feats = Features(held.cls[sl].to(rt.device), held.patches[sl].to(rt.device), held.grid)
         with rt.autocast():
