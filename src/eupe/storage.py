@@ -29,7 +29,8 @@ from typing import Any, BinaryIO
 import boto3
 from botocore.config import Config
 from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from eupe.errors import EupeError
 
@@ -120,18 +121,60 @@ def _prefix(key: str) -> str:
     return key.rstrip("/") + "/" if key.strip("/") else ""
 
 
+# A server that accepts connections but never answers (overloaded, frozen, a half-open proxy) fails a call
+# after at most attempts x timeout + backoff (defaults: 5 x 30 s + < 16 s), not botocore's 5 x 60 s per call:
+# a step fails in bounded time with a retryable exit (1) instead of hanging. A timeout bounds one socket
+# connect or read, never a whole transfer. EUPE_S3_CONNECT_TIMEOUT / EUPE_S3_READ_TIMEOUT (seconds) and the
+# standard AWS_MAX_ATTEMPTS change them.
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_READ_TIMEOUT_S = 30.0
+S3_MAX_ATTEMPTS = 5
+
+
+def _setting(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        raise EupeError(f"{name}: not a number: {os.environ.get(name)!r}") from None
+    if value <= 0:
+        raise EupeError(f"{name}: must be positive, got {value:g}")
+    return value
+
+
 @functools.lru_cache(maxsize=8)
-def _client_for(endpoint: str | None, endpoint_s3: str | None, pid: int) -> Any:
+def _client_for(endpoint: str | None, endpoint_s3: str | None, pid: int, timeouts: tuple[float, float, int]) -> Any:
     # A fresh Session re-reads the environment; the default session would cache credentials.
-    config = Config(retries={"mode": "standard", "max_attempts": 5})
+    connect, read, attempts = timeouts
+    config = Config(connect_timeout=connect, read_timeout=read,
+                    retries={"mode": "standard", "max_attempts": attempts})
     return boto3.session.Session().client("s3", config=config)
 
 
 def _client() -> Any:
-    """The S3 client of this process, rebuilt when the endpoint env vars change (tests) or after a fork."""
+    """The S3 client of this process, rebuilt when the endpoint or timeout env vars change (tests) or after a fork."""
+    timeouts = (_setting("EUPE_S3_CONNECT_TIMEOUT", S3_CONNECT_TIMEOUT_S),
+                _setting("EUPE_S3_READ_TIMEOUT", S3_READ_TIMEOUT_S),
+                int(_setting("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS)))
     return _client_for(
-        os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"), os.getpid()
+        os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"), os.getpid(), timeouts
     )
+
+
+class S3Unavailable(EupeError):
+    """The S3 endpoint did not answer (connection refused or reset, a connect or read timeout) after every
+    retry: one line as any error, but exit 1, which orchestrators retry; the input itself may be fine."""
+
+    exit_code = 1
+
+
+def _unavailable(exc: BaseException | None) -> bool:
+    """A transport failure (no answer), here or in what it wraps (boto3's transfer errors)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _s3_error(action: str, uri: str, exc: Exception) -> EupeError:
@@ -141,7 +184,8 @@ def _s3_error(action: str, uri: str, exc: Exception) -> EupeError:
         reason = {"404": "not found (404)", "403": "AccessDenied (403)"}.get(code, code)
     else:
         reason = f"{type(exc).__name__}: {exc}"
-    return EupeError(f"cannot {action} {uri}: {' '.join(reason.split())}")
+    kind = S3Unavailable if _unavailable(exc) else EupeError
+    return kind(f"cannot {action} {uri}: {' '.join(reason.split())}")
 
 
 def _is_not_found(exc: ClientError) -> bool:
