@@ -83,3 +83,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("stage1: [unclosed\n")
     with pytest.raises(EupeError, match=r"broken\.yaml: invalid YAML"):
         load_config(bad)
+
+
+def test_a_binary_config_file_is_one_line(tmp_path, capsys):
+    from eupe.cli import main
+
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert main(["config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"eupe: error: {path}: not a text (YAML) file"

@@ -226,7 +226,11 @@ class ExportConfig(_Strict):
     parity_images: int = Field(default=4, gt=0)  # images compared between the .pte and eager PyTorch
     fp32_min_cosine: float = Field(default=0.999, gt=0, le=1)
     int8_min_cosine: float = Field(default=0.95, gt=0, le=1)
-    require_full_delegation: bool = False  # XNNPACK 1.5 leaves LayerNorm to portable kernels: off by default
+    # int8 activations: quantized per input at run time (XNNPACK qd8 GEMMs, no calibration) or with scales
+    # calibrated once on calibration_images (static)
+    int8_activations: Literal["dynamic", "static"] = "dynamic"
+    multi_resolution: bool = True  # with several resolutions, also one .pte with a method per size (forward_<R>)
+    require_full_delegation: bool = False  # fail when an operator is left to the portable kernels
 
     @field_validator("resolutions")
     @classmethod
@@ -352,6 +356,8 @@ def load_config(path: str | Path | None = None, overrides: list[str | tuple[str,
             raise EupeError(f"config file not found: {p}")
         try:
             loaded = yaml.safe_load(p.read_text())
+        except UnicodeDecodeError:
+            raise EupeError(f"{p}: not a text (YAML) file") from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             raise EupeError(f"{p}: invalid YAML{f' at line {line + 1}' if line is not None else ''}") from None

@@ -80,8 +80,9 @@ def latest(root: Path) -> Path | None:
     """The checkpoint ``latest.json`` names; if a kill mid-save left it dangling, the newest complete one."""
     marker = root / "latest.json"
     if marker.is_file():
-        path = root / storage.read_json(str(marker))["path"]
-        if (path / STATE_FILE).is_file():
+        name = str(storage.read_json(str(marker)).get("path", ""))
+        path = root / name
+        if name.startswith("step_") and "/" not in name and (path / STATE_FILE).is_file():
             return path
     done = _complete(root) if root.is_dir() else []
     return done[-1] if done else None

@@ -146,7 +146,7 @@ def run_normalize(cfg: Config, stage: int, out: str | Path, manifest: str | None
     the statistics describe (:attr:`Target.record`: weights digest, summary choice, resolutions, input sizes)."""
     check_models(cfg, stage)
     check_proxy(cfg, stage, random_proxy)
-    source = open_data(cfg.data, cfg.seed)
+    source = open_data(cfg.data, cfg.seed, cfg.validation.max_pixels)  # the pixel limit validation applies
     if isinstance(source, ImageStream):
         raise EupeError(f"normalize: {cfg.data.root} streams (.tar shards); normalize needs random access: "
                         "point --data at an image folder of the same data (local or s3://)")

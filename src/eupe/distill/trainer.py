@@ -186,7 +186,7 @@ def train(cfg: Config, stage: int, out: str | Path, norm: str, init: str | None 
     :class:`eupe.errors.Preempted` (exit 143)."""
     st = cfg.stage(stage)
     stats, meta = preflight(cfg, stage, norm, init, random_proxy, from_scratch)
-    source = open_data(cfg.data, cfg.seed)  # data.sources mixed by weight, or data.root
+    source = open_data(cfg.data, cfg.seed, cfg.validation.max_pixels)  # data.sources mixed by weight, or data.root
     fp = run_fingerprint(cfg, stage, norm, init)
     rt = setup(cfg)
     try:
@@ -299,6 +299,7 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
                                    pin_memory=rt.device.type == "cuda"))
 
     # --- the loop --------------------------------------------------------------------------------
+    run.claim()  # every check passed: --out is this step's before any rank writes (FSDP shards bypass storage)
     bar = progress(total=st.iters, initial=start, desc=f"stage{stage}", unit="step", disable=not rt.is_main)
     t0, seen, last_ckpt, skipped = time.perf_counter(), 0, last, 0
     live = metrics.serve_training(stage, st.iters, st.batch_size, main=rt.is_main)  # /metrics with EUPE_METRICS_PORT
