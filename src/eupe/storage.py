@@ -13,6 +13,7 @@ checkpoint. Checkpoint prefixes on S3 carry a ``_SUCCESS`` marker written last b
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import os
@@ -20,7 +21,9 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 import weakref
+from http.client import IncompleteRead
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,9 +35,12 @@ from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from urllib3.exceptions import ProtocolError
+
 from eupe.errors import EupeError
 
 log = logging.getLogger(__name__)
+RANGE_RETRIES = 5  # a broken S3 download resumes from the byte it reached this many times in a row
 
 __all__ = [
     "SUCCESS_MARKER",
@@ -461,15 +467,64 @@ def open_read(uri: PathLike) -> Iterator[BinaryIO]:
         with f:
             yield f
         return
-    bucket, key = _object(str(uri))
+    body = RangeResumingBody(str(uri))
     try:
-        body = _client().get_object(Bucket=bucket, Key=key)["Body"]
-    except (ClientError, BotoCoreError) as e:
-        raise _s3_error("read", str(uri), e) from e
-    try:
-        yield body
+        yield io.BufferedReader(body, buffer_size=1 << 20)
     finally:
         body.close()
+
+
+class RangeResumingBody(io.RawIOBase):
+    """An S3 object read front to back; a connection that breaks mid-way (reset, timeout, truncated body) is
+    reopened from the byte reached with an HTTP ``Range`` request (``If-Match`` its ETag, so a changed object
+    fails instead of mixing versions), up to ``RANGE_RETRIES`` times in a row with back-off."""
+
+    def __init__(self, uri: str):
+        super().__init__()
+        self.uri, (self.bucket, self.key) = uri, _object(uri)
+        self.pos, self.etag, self.size, self.body, self.resumed = 0, None, None, None, 0
+        self._open()
+
+    def _open(self) -> None:
+        extra = {"Range": f"bytes={self.pos}-", "IfMatch": self.etag} if self.pos else {}
+        try:
+            response = _client().get_object(Bucket=self.bucket, Key=self.key, **extra)
+        except (ClientError, BotoCoreError) as e:
+            raise _s3_error("read", self.uri, e) from e
+        self.etag = self.etag or response.get("ETag")
+        if self.size is None:
+            self.size = int(response.get("ContentLength", 0))
+        self.body = response["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        failures = 0
+        while True:
+            try:
+                data = self.body.read(len(buffer)) if self.pos < (self.size or 0) else b""
+                if not data and self.size is not None and self.pos < self.size:
+                    raise IncompleteRead(f"{self.uri}: the connection ended at byte {self.pos} of {self.size}")
+                buffer[: len(data)] = data
+                self.pos += len(data)
+                return len(data)
+            except (BotoCoreError, OSError, IncompleteRead, ProtocolError) as e:
+                failures += 1
+                if failures > RANGE_RETRIES:
+                    raise EupeError(f"cannot read {self.uri}: the download broke at byte {self.pos} "
+                                    f"{failures} times ({type(e).__name__})") from e
+                log.warning("%s: download broke at byte %d (%s); resuming from there", self.uri, self.pos,
+                            type(e).__name__)
+                time.sleep(min(2.0 ** (failures - 1) * 0.2, 5.0))
+                self.body.close()
+                self._open()
+                self.resumed += 1
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+        super().close()
 
 
 def write_bytes(uri: PathLike, data: bytes) -> None:
