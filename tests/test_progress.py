@@ -23,6 +23,9 @@ def test_a_step_in_a_pod_log_writes_plain_progress_lines(tiny_config, tmp_path):
     lines = [ln for ln in text.splitlines() if "eupe.progress: stage1:" in ln]
     assert len(lines) >= 4 and "4/4 step (100.0%)" in lines[-1] and "loss=" in lines[-1], lines
     assert any("eta " in ln for ln in lines[:-1]), lines
+    # every step logs its resolved inputs and its output at the start
+    (start,) = [ln for ln in text.splitlines() if "eupe.step: train-stage1:" in ln]
+    assert f"norm={tmp_path / 'n' / 'norm.safetensors'}" in start and start.endswith(f"-> {tmp_path / 't'}"), start
 
 
 def test_log_progress_counts_rate_and_eta(caplog):

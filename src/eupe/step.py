@@ -60,6 +60,10 @@ class StepRun:
             self.metrics.finish(self.done, up_to_date=True)
         if self.done is None and main:
             self._start()
+        if main:
+            inputs = (fingerprint or {}).get("inputs", {})
+            log.info("%s: %s -> %s%s", step, ", ".join(f"{k}={v['uri']}" for k, v in inputs.items()) or "no inputs",
+                     self.out, " (up to date)" if self.done is not None else "")
 
     def _check_place(self) -> None:
         """A folder (or a place for one), not a file; on S3 a prefix, not an object."""
