@@ -34,17 +34,19 @@ def resolution_histogram(df: pd.DataFrame, resolutions: list[int], min_side: int
 
 
 def balance_bars(groups: dict[str, dict[str, int]], path: Path) -> Path:
-    """One bar chart per grouping (class, domain) of the decodable images; "unknown" when a grouping is absent."""
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), dpi=100, squeeze=False)
-    for ax, (kind, counts) in zip(axes[0], groups.items()):
-        if counts:
-            ax.bar(list(counts), list(counts.values()), color="tab:green")
-            ax.tick_params(axis="x", rotation=45 if len(counts) > 6 else 0, labelsize=8)
-            lo, hi = min(counts.values()), max(counts.values())
-            ax.set_title(f"{kind} balance (max/min = {hi / lo:.2f})")
-        else:
-            ax.text(0.5, 0.5, f"no {kind} labels", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"{kind} balance")
+    """One bar chart per grouping (class, domain) of the decodable images that has labels; a grouping without
+    any (no domains) gets no empty panel; with none at all, one panel says so."""
+    shown = {kind: counts for kind, counts in groups.items() if counts}
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(5 * max(1, len(shown)), 4), dpi=100, squeeze=False)
+    if not shown:
+        axes[0][0].text(0.5, 0.5, f"no {' or '.join(groups)} labels", ha="center", va="center",
+                        transform=axes[0][0].transAxes)
+        axes[0][0].axis("off")
+    for ax, (kind, counts) in zip(axes[0], shown.items()):
+        ax.bar(list(counts), list(counts.values()), color="tab:green")
+        ax.tick_params(axis="x", rotation=45 if len(counts) > 6 else 0, labelsize=8)
+        lo, hi = min(counts.values()), max(counts.values())
+        ax.set_title(f"{kind} balance (max/min = {hi / lo:.2f})")
         ax.set_ylabel("images")
     return save_figure(fig, path)
 

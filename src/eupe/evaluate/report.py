@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import matplotlib.patches
+
 from eupe.plots import plt, save_figure  # Agg backend set there
 
 
@@ -53,6 +55,10 @@ def seg_example(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, nu
     for ax, t in zip(axes, ("held-out image", "mask", "linear probe")):
         ax.set_title(t)
         ax.axis("off")
+    present = sorted({int(c) for c in torch.cat([truth.flatten(), pred.flatten()]).unique() if 0 <= int(c) < num_classes})
+    handles = [matplotlib.patches.Patch(color=cmap(c), label=f"class {c}") for c in present]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=0.18)
     return save_figure(fig, path)
 
 
@@ -61,12 +67,13 @@ def depth_example(image: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, 
     valid = truth > 0
     lo, hi = (float(truth[valid].min()), float(truth[valid].max())) if valid.any() else (0.0, 1.0)
     axes[0].imshow(_rgb(image))
-    axes[1].imshow(np.ma.masked_where(~valid.numpy(), truth.numpy()), cmap="viridis_r", vmin=lo, vmax=hi)
+    shown = axes[1].imshow(np.ma.masked_where(~valid.numpy(), truth.numpy()), cmap="viridis_r", vmin=lo, vmax=hi)
     im = axes[2].imshow(pred.numpy(), cmap="viridis_r", vmin=lo, vmax=hi)
-    for ax, t in zip(axes, ("held-out image", "depth (m)", "linear probe")):
+    for ax, t in zip(axes, ("held-out image", "depth (m)", "linear probe (m)")):
         ax.set_title(t)
         ax.axis("off")
-    fig.colorbar(im, ax=axes[2], fraction=0.046)
+    for ax, mappable in ((axes[1], shown), (axes[2], im)):  # a colour bar on every depth panel
+        fig.colorbar(mappable, ax=ax, fraction=0.046, label="depth (m)")
     return save_figure(fig, path)
 
 
