@@ -24,6 +24,7 @@ def build_summary(run: PipelineRun) -> dict:
                                           **{k: r["artifacts"][k] for k in ("checkpoint", "encoder", "loss_curve")}}
     metrics = run.result("evaluate")["metrics"]
     summary["eval"] = {k: metrics.get(k) for k in EVAL_KEYS}
+    summary["chance"] = {"knn_top1": metrics.get("knn_chance")}
     summary["export"], summary["latency"] = {}, {}
     for v in export_variants(run):
         from eupe import storage
@@ -56,7 +57,13 @@ def format_table(summary: dict) -> str:
         rows.append((name, f"{s['first_loss']:.4f}", f"{s['last_loss']:.4f}", str(s["steps"]),
                      f"{s['images_per_s']:.1f}", s["checkpoint"]))
     lines = _table(rows)
-    lines += ["", *_table([("eval metric", "value"), *((k, _fmt(v)) for k, v in summary["eval"].items())])]
+    chance = summary.get("chance", {})
+    lines += ["", *_table([("eval metric", "value", "chance"),
+                           *((k, _fmt(v), _fmt(chance[k]) if k in chance else "") for k, v in summary["eval"].items())])]
+    if chance.get("knn_top1") is not None:
+        lines.append("chance: the most common class's share of the held-out images. The demo's teachers are randomly "
+                     "initialised (no weights can be downloaded here), so k-NN near chance is expected: the pipeline "
+                     "runs every step, it cannot transfer knowledge its teachers do not have.")
     rows = [("model", "parity cos", "MiB")]
     for name, e in summary["export"].items():
         rows.append((name, f"{e['parity_cosine']:.5f}", f"{e['bytes'] / 2**20:.2f}"))

@@ -48,6 +48,8 @@ def test_every_step_ran_and_the_summary_is_the_steps_own(first_run):
         assert len(losses) == s["steps"] == 12 and s["first_loss"] == sum(losses[:2]) / 2  # 20% of 12 steps
     assert summary["eval"] == {k: _result(run, "evaluate")["metrics"].get(k) for k in EVAL_KEYS}
     assert all(summary["eval"][k] is not None for k in ("knn_top1", "seg_miou", "depth_rmse", "keypoint_pck"))
+    labels = _result(run, "evaluate")["metrics"]["knn_chance"]  # the held-out majority share, next to k-NN
+    assert summary["chance"] == {"knn_top1": labels} and 0 < labels < 1
     (name, export), = summary["export"].items()
     assert name == "student_32px_fp32" and export["parity_cosine"] >= 0.999
     (lat_name, lat), = summary["latency"].items()

@@ -252,6 +252,8 @@ def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int) -> tuple[dict
 
     t = time.perf_counter()
     metrics["knn_top1"] = _knn(cfg, train, held, notes)
+    if metrics["knn_top1"] is not None:  # what always answering the most common class scores: chance level
+        metrics["knn_chance"] = float(held.labels.bincount().max()) / len(held.labels)
     timings["knn"] = time.perf_counter() - t
     if inputs.labels["mask"]:
         t = time.perf_counter()
