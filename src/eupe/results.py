@@ -35,13 +35,17 @@ def window_mean(values: list[float], fraction: float = 0.2, cap: int = 100) -> t
 
 
 def write_training_result(run, stage: int, history: dict, metrics: dict, checkpoint_dir: Path | str | None,
-                          encoder_state: dict) -> dict:
+                          encoder_state: dict, spec=None, lineage: dict | None = None) -> dict:
     """The deliverables of a training stage, published through its :class:`eupe.step.StepRun`: the encoder
-    (adapters dropped), the loss history and its curve; then ``result.json``."""
+    (adapters dropped) as ``encoder.safetensors`` and as a timm/HF model folder ``model/`` (from ``spec``, the
+    encoder's ModelSpec, with ``lineage`` in its config.json), the loss history and its curve; then ``result.json``."""
+    from eupe.models.publish import MODEL_DIR, write_model_folder
     from eupe.plots import loss_curve  # matplotlib only when a run finishes
 
     with run.staging() as tmp:
         storage.write_bytes(str(tmp / ENCODER_FILE), save(tensors_for_disk(encoder_state)))
+        if spec is not None:
+            write_model_folder(tmp / MODEL_DIR, spec, encoder_state, {"stage": stage, **(lineage or {})})
         storage.write_json(str(tmp / "losses.json"), history)
         loss_curve(history, tmp / "loss_curve.png", title=f"stage {stage}")
     first, last = window_mean(history["loss"])
@@ -51,7 +55,8 @@ def write_training_result(run, stage: int, history: dict, metrics: dict, checkpo
     return run.finish(metrics, {
         "checkpoint": checkpoint_dir,
         "checkpoint_model": f"{str(checkpoint_dir).rstrip('/')}/{MODEL_FILE}" if checkpoint_dir else None,
-        "encoder": run.path(ENCODER_FILE), "losses": run.path("losses.json"), "loss_curve": run.path("loss_curve.png")})
+        "encoder": run.path(ENCODER_FILE), "model": run.path(MODEL_DIR) if spec is not None else None,
+        "losses": run.path("losses.json"), "loss_curve": run.path("loss_curve.png")})
 
 
 def read_result(out: Path | str) -> dict:

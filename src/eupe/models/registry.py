@@ -33,6 +33,11 @@ _ENCODER_PREFIX = "encoder."
 def check_model_name(name: str, field: str = "model") -> str:
     """Resolve a student alias; fail with one line when timm does not know the name."""
     resolved = STUDENTS.get(name, name)
+    source, colon, rest = resolved.partition(":")
+    if colon and source in ("hf-hub", "local-dir"):  # timm's own prefixes: a Hub repo or a model folder
+        if not rest or (source == "local-dir" and not (Path(rest) / "config.json").is_file()):
+            raise EupeError(f"{field}: {name!r}: no timm model {'folder with config.json' if rest else 'name'} there")
+        return resolved
     if not timm.is_model(resolved):
         raise EupeError(f"{field}: unknown timm model {name!r}")
     return resolved
@@ -73,7 +78,10 @@ def build_model(spec: ModelSpec, field: str = "model") -> nn.Module:
 
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """safetensors, or a PyTorch state dict loaded with ``weights_only=True``; local path or s3://."""
+    """safetensors, or a PyTorch state dict loaded with ``weights_only=True``; local path or s3://; a model folder
+    (``eupe.models.publish``: timm/HF layout) gives its ``model.safetensors``."""
+    if not storage.is_s3(uri) and (Path(uri) / "model.safetensors").is_file():
+        uri = str(Path(uri) / "model.safetensors")
     path = storage.local_copy(uri)
     try:
         if Path(path).suffix == ".safetensors":

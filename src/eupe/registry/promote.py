@@ -193,8 +193,12 @@ def stage(inputs: Inputs, tmp: Path) -> dict[str, dict]:
         files.update({Path(str(m["pte"])).name: ("--export", f"{folder}/{Path(str(m['pte'])).name}")
                       for m in report["models"].values()})
     files.update({_latency_name(r): ("--latency", f"{d}/latency.json") for d, _, r in inputs.latency})
+    folder = f"{inputs.encoder.rsplit('/', 1)[0]}/model"  # the timm/HF model folder training wrote beside it
+    if storage.exists(f"{folder}/config.json"):
+        files.update({f"model/{n}": ("--encoder", f"{folder}/{n}") for n in ("config.json", "model.safetensors")})
     staged = {}
     for name, (flag, src) in files.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         try:
             staged[name] = _copy(src, tmp / name)
         except EupeError as e:
