@@ -14,7 +14,7 @@ LATENCY_KEYS = ("median_ms", "p90_ms", "budget_ms", "passed")
 
 
 def build_summary(run: PipelineRun) -> dict:
-    summary: dict = {"run": run.root, "stages": {}}
+    summary: dict = {"run": run.root, "run_id": run.run_id, "pipeline": run.pipeline.name, "stages": {}}
     for n in (1, 2, 3):
         try:
             r = run.result(f"train_stage{n}")
@@ -22,7 +22,9 @@ def build_summary(run: PipelineRun) -> dict:
             continue
         summary["stages"][f"stage{n}"] = {**{k: r["metrics"][k] for k in STAGE_KEYS},
                                           **{k: r["artifacts"][k] for k in ("checkpoint", "encoder", "loss_curve")}}
-    metrics = run.result("evaluate")["metrics"]
+    evaluation = run.result("evaluate")
+    summary["provenance"] = evaluation.get("provenance")  # code, config and data digests of the evaluated run
+    metrics = evaluation["metrics"]
     summary["eval"] = {k: metrics.get(k) for k in EVAL_KEYS}
     summary["chance"] = {"knn_top1": metrics.get("knn_chance")}
     summary["export"], summary["latency"] = {}, {}

@@ -226,3 +226,18 @@ def test_a_bad_input_found_after_the_check_leaves_no_folder_behind(tmp_path: Pat
         assert run.done is None and not storage.exists(out)  # e.g. a budget row missing: one line, exit 2
         del run
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_result_records_its_provenance(tmp_path, monkeypatch):
+    """run id (from the step runner), code version, config hash and data digests in every result.json."""
+    from eupe.fingerprint import code_digest, fingerprint
+    from eupe.results import write_result
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"x")
+    monkeypatch.setenv("EUPE_RUN_ID", "r42")
+    fp = fingerprint("s", {"data": str(data), "norm": None})
+    result = write_result(tmp_path / "out", "s", {}, {}, fingerprint=fp)
+    assert result["provenance"]["run_id"] == "r42" and result["provenance"]["code"] == code_digest()
+    assert result["provenance"]["data"] == {"data": fp["inputs"]["data"]["digest"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,22 @@ def write_result(out: Path | str, step: str, metrics: dict[str, Any], artifacts:
               "metrics": metrics, "artifacts": {k: str(v) for k, v in artifacts.items() if v is not None}}
     if fingerprint is not None:
         result["fingerprint"] = fingerprint
+    result["provenance"] = provenance(fingerprint)
     if invocation.CURRENT is not None:  # the command line: what `eupe.invocation.up_to_date` compares
         result["invocation"] = invocation.CURRENT
     storage.write_json(f"{str(out).rstrip('/')}/{RESULT_FILE}", result)
     return result
+
+
+def provenance(fingerprint: dict | None) -> dict:
+    """Who made this result: the pipeline run (``EUPE_RUN_ID``, set by the step runner), the code version, the
+    config's sha256 and the content digest of each dataset input."""
+    from eupe.fingerprint import code_digest
+
+    fp = fingerprint or {}
+    data = {k: v["digest"] for k, v in fp.get("inputs", {}).items() if k == "data" or k.startswith("data.")}
+    return {"run_id": os.environ.get("EUPE_RUN_ID") or None, "pipeline": os.environ.get("EUPE_PIPELINE") or None,
+            "code": fp.get("code") or code_digest(), "config_sha256": fp.get("config"), "data": data}
 
 
 def window_mean(values: list[float], fraction: float = 0.2, cap: int = 100) -> tuple[float, float]:
