@@ -18,7 +18,8 @@ outliers               ``outlier_z`` <= ``validation.outlier_z``                
 =====================  ==============================================================  ==========
 
 Severities are ``validation.severity.*``. The rows GX reports as unexpected become ``bad_files`` in
-``validation.json``, each with a reason. Data Docs (HTML) and PNG plots are written next to it, and
+``validation.json``, each with a reason. Data Docs (HTML, self-contained: ``eupe.data.data_docs``) and PNG
+plots are written next to it, and
 only then does a broken "fail" expectation raise :class:`EupeError` (exit code 2).
 """
 
@@ -36,6 +37,7 @@ import pandas as pd
 
 from eupe import storage
 from eupe.config import Config
+from eupe.data.data_docs import make_offline
 from eupe.data.manifest import MANIFEST_FILE, open_dataset, read_manifest, write_manifest
 from eupe.data.outliers import robust_scores
 from eupe.errors import EupeError
@@ -272,6 +274,7 @@ def validate_manifest(manifest: pd.DataFrame, cfg: Config, out: str | Path, sour
     checks = _checks(df, cfg)
     with storage.atomic_dir(out / DATA_DOCS_DIR) as docs:
         results = _run_suite(df, checks, docs)
+        make_offline(docs)  # bundled CSS/JS instead of CDNs: renders on an air-gapped cluster
     bad = _bad_files(df, checks, results)
     failed = [r["name"] for r in results if not r["success"] and r["severity"] == "fail"]
     warned = [r["name"] for r in results if not r["success"] and r["severity"] == "warn"]
