@@ -19,11 +19,12 @@ from eupe import __version__, invocation
 from eupe.errors import EupeError, Preempted
 from eupe.evaluate import commands as evaluate_commands
 from eupe.export import commands as export_commands
+from eupe.plan import commands as plan_commands
 from eupe.registry import commands as registry_commands
 
 # Modules with a ``register(subparsers)`` that adds top-level steps (kept out of this file so that
 # each step's flags live next to its code).
-STEP_COMMANDS: list = [evaluate_commands, export_commands, registry_commands]
+STEP_COMMANDS: list = [evaluate_commands, export_commands, registry_commands, plan_commands]
 
 
 RANDOM_PROXY_HELP = ("stages 2-3 without proxy weights (--proxy, proxy.weights): distil a randomly initialised proxy "
