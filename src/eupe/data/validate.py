@@ -2,7 +2,9 @@
 
 The manifest (``eupe.data.manifest``) gets a few derived columns (shortest side, one 0/1 column per
 stage-3 resolution bucket, class and domain imbalance, the file a duplicate repeats, the robust
-outlier score), then an ephemeral GX context validates it with one expectation per check:
+outlier score), then an ephemeral GX context validates it with one expectation per check (the suite is also a
+file of the repository's GX project, ``gx/expectations/eupe_data.json``, where people review it and add their
+own expectations: ``eupe.data.gx_suite``):
 
 =====================  ==============================================================  ==========
 check                  expectation                                                     default
@@ -38,6 +40,7 @@ import pandas as pd
 from eupe import storage
 from eupe.config import Config
 from eupe.data.data_docs import make_offline
+from eupe.data.gx_suite import SUITE_NAME, suite_file, user_expectations
 from eupe.data.manifest import MANIFEST_FILE, open_dataset, read_manifest, write_manifest
 from eupe.data.outliers import robust_scores
 from eupe.errors import EupeError
@@ -50,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 VALIDATION_FILE = "validation.json"
 DATA_DOCS_DIR = "data_docs"
-SUITE_NAME = "eupe_data"
 
 
 # --------------------------------------------------------------------------- derived columns
@@ -170,6 +172,13 @@ def _checks(df: pd.DataFrame, cfg: Config) -> list[Check]:
     return checks
 
 
+def _with_user_checks(checks: list[Check], path: Path | None) -> list[Check]:
+    """The built-in checks plus the expectations people added to the suite file (``eupe.data.gx_suite``)."""
+    taken = {c.name for c in checks}
+    extra = [Check(name, severity, exp) for name, severity, exp in user_expectations(path) if name not in taken]
+    return checks + extra
+
+
 def _context(docs_dir: Path):
     import great_expectations as gx
     from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
@@ -271,7 +280,8 @@ def validate_manifest(manifest: pd.DataFrame, cfg: Config, out: str | Path, sour
     out.mkdir(parents=True, exist_ok=True)
     where = str(final or out).rstrip("/")
     df, summary = prepare(manifest, cfg)
-    checks = _checks(df, cfg)
+    suite = suite_file()
+    checks = _with_user_checks(_checks(df, cfg), suite)
     with storage.atomic_dir(out / DATA_DOCS_DIR) as docs:
         results = _run_suite(df, checks, docs)
         make_offline(docs)  # bundled CSS/JS instead of CDNs: renders on an air-gapped cluster
@@ -287,7 +297,8 @@ def validate_manifest(manifest: pd.DataFrame, cfg: Config, out: str | Path, sour
         "stats_scatter": stats_scatter(df, outliers, out / "stats_scatter.png"),
     }
     report = {
-        "passed": not failed, "failed": failed, "warnings": warned, "manifest": source, **summary,
+        "passed": not failed, "failed": failed, "warnings": warned, "manifest": source,
+        "suite": str(suite) if suite else None, **summary,
         "num_bad_files": len(bad), "outlier_z": cfg.validation.outlier_z,
         "expectations": [{k: v for k, v in r.items() if k != "unexpected_uris"} for r in results],
         "bad_files": bad,
@@ -308,7 +319,9 @@ def run_validate(cfg: Config, data: str | None, out: str | Path, manifest: str |
         if not data:
             raise EupeError("data validate: give --data (a dataset to scan) or --manifest")
         source = open_dataset(data)
-    run = StepRun(out, "data-validate", fingerprint("data-validate", {"data": data, "manifest": manifest}, cfg))
+    suite = suite_file()  # an input: an edited suite file is a new run (its content is in the fingerprint)
+    inputs = {"data": data, "manifest": manifest, "suite": str(suite) if suite else None}
+    run = StepRun(out, "data-validate", fingerprint("data-validate", inputs, cfg))
     if run.done:
         return storage.read_json(run.done["artifacts"]["validation"])
     with run.staging() as tmp:
