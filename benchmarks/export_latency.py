@@ -1,25 +1,30 @@
-"""Edge latency of the ViT-T and ViT-S students at 256 px on THIS machine, in one run: eager PyTorch,
-ExecuTorch fp32 and ExecuTorch int8 (XNNPACK), median ms of batch-1 forwards, each as a multiple of
-the FLOP floor.
+"""Edge latency of the shipped ``.pte`` against its peer, in one run on THIS machine: the FLOP floor, eager
+PyTorch, ONNX Runtime fp32 and dynamic int8, ExecuTorch fp32 and int8 (XNNPACK), batch 1, per model and
+input size, with the operators each ExecuTorch program leaves outside XNNPACK.
 
 The exported graph is the one ``eupe export`` writes (``eupe.export.lower``: ``fixed_size`` +
-``EncoderOutputs`` -> ``lower``), timed with ``eupe.export.runtime.time_runs`` as ``eupe latency``
-does (eager PyTorch too). FLOP floor = the model's forward FLOPs (``torch.utils.flop_counter.FlopCounterMode``, CPU
-attention counted as in ``benchmarks/train_throughput.py``) / this machine's fp32 ``torch.mm`` rate,
-measured in the same run (2048 x 2048, before and after the timings). Models are randomly
-initialised (latency does not depend on the weights); int8 is calibrated on random images.
+``EncoderOutputs`` -> ``to_program`` -> ``lower_methods``, int8 as ``export.int8_activations``); the ONNX
+file is exported from that same module (``ort_peer.py``). For each model and size the runners are
+interleaved in rounds (one forward of each, in turn, ``--rounds`` times after ``--warmup`` rounds), so
+that a burst of load from other processes hits them all alike; the table shows medians and their ratios.
+FLOP floor = the forward's FLOPs (``FlopCounterMode``, CPU attention counted as in ``train_throughput.py``)
+/ this machine's fp32 ``torch.mm`` rate measured in the same run (2048 x 2048, median of samples taken
+before each model). Random weights: latency does not depend on them (int8 parity on trained weights is
+the export tests' business). Every library runs ``--threads`` threads.
 
-    .venv/bin/python benchmarks/export_latency.py [--models vit_t vit_s] [--size 256] [--runs 20] [--threads N]
-        [--json out.json]
+    .venv/bin/python benchmarks/export_latency.py [--quick] [--models vit_s vit_b] [--sizes 256 512]
+        [--threads 2] [--rounds 10] [--json out.json] [--png out.png]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import gc
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,13 +32,35 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import _cpu_attention_flops, matmul_rate  # noqa: E402
+import ort_peer  # noqa: E402
+from train_throughput import OtherLoad, _cpu_attention_flops, matmul_rate  # noqa: E402
 
 from eupe import storage  # noqa: E402
-from eupe.config import ModelSpec  # noqa: E402
-from eupe.export.lower import EncoderOutputs, fixed_size, lower  # noqa: E402
-from eupe.export.runtime import load_forward, threads, time_runs  # noqa: E402
+from eupe.config import ExportConfig, ModelSpec  # noqa: E402
+from eupe.export.lower import EncoderOutputs, fixed_size, lower_methods, to_program  # noqa: E402
+from eupe.export.runtime import load_forward, threads  # noqa: E402
 from eupe.models.registry import build_model  # noqa: E402
+
+MODELS = ["vit_t", "vit_s", "vit_b", "convnext_t", "convnext_b"]
+SIZES = [256, 512]
+QUICK = (["vit_s", "vit_b"], [256])
+RUNNERS = ["eager", "ort_fp32", "et_fp32", "ort_int8", "et_int8"]
+
+
+def cpu() -> dict:
+    """The CPU model and the flags that decide which int8/bf16 kernels exist (from /proc/cpuinfo)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+    return {"model": name, "cores": len(os.sched_getaffinity(0)), "flags": [f for f in wanted if f in flags]}
 
 
 def forward_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -43,84 +70,147 @@ def forward_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def bench_model(name: str, size: int, warmup: int, runs: int, calibration: int) -> dict:
+def bench(name: str, size: int, n_threads: int, warmup: int, rounds: int, work: Path) -> dict:
     torch.manual_seed(0)
     spec = ModelSpec(model=name, img_size=size)
     model = build_model(spec).eval()
-    eager = EncoderOutputs(model).eval()
+    static = EncoderOutputs(fixed_size(model, spec, size)).eval()
     x = torch.randn(1, 3, size, size)
-    row = {"model": name, "params": sum(p.numel() for p in model.parameters()), "flops": forward_flops(eager, x)}
-    with torch.inference_mode():
-        row["eager_ms"] = statistics.median(time_runs(lambda: eager(x), warmup, runs))
-    static = EncoderOutputs(fixed_size(model, spec, size))
-    g = torch.Generator().manual_seed(1)
+    row: dict = {"model": name, "size": size, "params": sum(p.numel() for p in model.parameters()),
+                 "flops": forward_flops(static, x), "mm_flop_per_s": matmul_rate(2048)}
+    runners = {"eager": lambda: static(x)}
+
+    onnx = work / f"{name}_{size}.onnx"
+    row["ort_fp32_export_s"] = ort_peer.export_onnx(static, x, onnx)
+    row["ort_int8_export_s"] = ort_peer.quantize_int8(onnx, work / f"{name}_{size}_int8.onnx")
+    runners["ort_fp32"] = ort_peer.session(onnx, n_threads, x)
+    runners["ort_int8"] = ort_peer.session(work / f"{name}_{size}_int8.onnx", n_threads, x)
+
+    int8 = ExportConfig().int8_activations
     for dtype in ("fp32", "int8"):
-        calib = [torch.randn(1, 3, size, size, generator=g) for _ in range(calibration)] if dtype == "int8" else None
         t = time.perf_counter()
-        lowered = lower(static, x, calib, f"{name}_{dtype}")
-        row[f"{dtype}_export_s"] = time.perf_counter() - t
-        row[f"{dtype}_bytes"] = len(lowered.program)
-        row[f"{dtype}_non_delegated"] = lowered.non_delegated
+        lowered = lower_methods({"forward": lambda d=dtype: to_program(static, x, int8 if d == "int8" else None)},
+                                f"{name}_{size}_{dtype}")
+        row[f"et_{dtype}_export_s"] = time.perf_counter() - t
+        row[f"et_{dtype}_bytes"] = len(lowered.program)
+        row[f"et_{dtype}_non_delegated"] = lowered.non_delegated
+        row[f"et_{dtype}_subgraphs"] = lowered.subgraphs
         forward = load_forward(lowered.program, f"{name}_{dtype}")
-        row[f"{dtype}_ms"] = statistics.median(time_runs(functools.partial(forward, x), warmup, runs))
+        runners[f"et_{dtype}"] = lambda f=forward: f(x)
+
+    times: dict[str, list[float]] = {k: [] for k in RUNNERS}
+    load = OtherLoad()
+    with torch.inference_mode():
+        for i in range(warmup + rounds):
+            for k in RUNNERS:
+                t = time.perf_counter()
+                runners[k]()
+                if i >= warmup:
+                    times[k].append((time.perf_counter() - t) * 1e3)
+    row["other_cpus"] = load.cores()
+    for k in RUNNERS:
+        row[f"{k}_ms"] = statistics.median(times[k])
+        row[f"{k}_runs_ms"] = times[k]
+    del runners, static, model
+    gc.collect()
     return row
+
+
+def finish(rows: list[dict]) -> None:
+    """Floors and ratios, from the median matmul rate of the whole run."""
+    mm = statistics.median(r["mm_flop_per_s"] for r in rows)
+    for r in rows:
+        r["floor_ms"] = r["flops"] / mm * 1e3
+        r["eager_x_floor"] = r["eager_ms"] / r["floor_ms"]
+        r["et_fp32_x_floor"] = r["et_fp32_ms"] / r["floor_ms"]
+        r["et_fp32_x_ort"] = r["et_fp32_ms"] / r["ort_fp32_ms"]
+        r["et_int8_x_ort"] = r["et_int8_ms"] / r["ort_int8_ms"]
+        r["et_int8_x_et_fp32"] = r["et_int8_ms"] / r["et_fp32_ms"]
+
+
+def _cpus(v: float | None) -> str:
+    return "?" if v is None else f"{v:.1f}"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | px | GFLOP | floor ms | eager ms (x floor) | ORT fp32 ms | ET fp32 ms (x ORT) | "
+            "ORT int8 ms | ET int8 ms (x ORT) | ET export s fp32/int8 | other CPUs |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['flops'] / 1e9:.1f} | {r['floor_ms']:.1f} | "
+            f"{r['eager_ms']:.1f} ({r['eager_x_floor']:.2f}x) | {r['ort_fp32_ms']:.1f} | "
+            f"{r['et_fp32_ms']:.1f} ({r['et_fp32_x_ort']:.2f}x) | {r['ort_int8_ms']:.1f} | "
+            f"{r['et_int8_ms']:.1f} ({r['et_int8_x_ort']:.2f}x) | "
+            f"{r['et_fp32_export_s']:.0f}/{r['et_int8_export_s']:.0f} | "
+            f"{_cpus(r['other_cpus'])} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    from eupe.plots import plt, save_figure
+
+    labels = [f"{r['model']}\n{r['size']}px" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5), dpi=100)
+    width = 0.16
+    for i, (k, color) in enumerate(zip(RUNNERS, ["tab:gray", "tab:blue", "tab:cyan", "tab:orange", "tab:red"])):
+        ax.bar([j + (i - 2) * width for j in range(len(rows))], [r[f"{k}_ms"] / r["floor_ms"] for r in rows],
+               width, label=k.replace("_", " "), color=color)
+    ax.axhline(1.0, color="black", linewidth=1, label="fp32 FLOP floor")
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("median latency / fp32 FLOP floor")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncols=3)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["vit_t", "vit_s"], help="student aliases or timm names")
-    ap.add_argument("--size", type=int, default=256, help="input resolution (px)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--runs", type=int, default=20, help="timed batch-1 forwards (median reported)")
-    ap.add_argument("--calibration", type=int, default=8, help="random images for int8 calibration")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="threads for torch AND the ExecuTorch threadpool (default: each library's own)")
-    ap.add_argument("--matmul-n", type=int, default=2048)
-    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    ap.add_argument("--models", nargs="+", default=None, help=f"student aliases or timm names (default {MODELS})")
+    ap.add_argument("--sizes", nargs="+", type=int, default=None, help=f"input sizes in px (default {SIZES})")
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK[0]} at {QUICK[1]} px unless --models/--sizes say")
+    ap.add_argument("--threads", type=int, default=2, help="threads of torch, ONNX Runtime and ExecuTorch's threadpool")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds")
+    ap.add_argument("--rounds", type=int, default=10, help="timed rounds (one forward of every runner each)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        from executorch.extension.pybindings import portable_lib
+    models = args.models or (QUICK[0] if args.quick else MODELS)
+    sizes = args.sizes or (QUICK[1] if args.quick else SIZES)
+    from executorch.extension.pybindings import portable_lib
 
-        torch.set_num_threads(args.threads)
-        portable_lib._unsafe_reset_threadpool(args.threads)
-
-    mm_before = matmul_rate(args.matmul_n)
-    rows = [bench_model(m, args.size, args.warmup, args.runs, args.calibration) for m in args.models]
-    mm_after = matmul_rate(args.matmul_n)
-    mm = statistics.median([mm_before, mm_after])
+    torch.set_num_threads(args.threads)
+    portable_lib._unsafe_reset_threadpool(args.threads)
+    machine = cpu()
+    with tempfile.TemporaryDirectory() as work:
+        rows = []
+        for name in models:
+            for size in sizes:
+                rows.append(bench(name, size, args.threads, args.warmup, args.rounds, Path(work)))
+                r = rows[-1]
+                print(f"{name} {size}px: eager {r['eager_ms']:.1f}, ORT {r['ort_fp32_ms']:.1f}/{r['ort_int8_ms']:.1f}, "
+                      f"ET {r['et_fp32_ms']:.1f}/{r['et_int8_ms']:.1f} ms (fp32/int8)", flush=True)
+    finish(rows)
+    title = (f"{machine['model']}, {args.threads} threads, batch 1; torch {torch.__version__}, ExecuTorch "
+             f"{threads()} threads, onnxruntime {ort_peer.version()}; median of {args.rounds} interleaved rounds")
+    print(f"\n{title}\nCPU flags: {' '.join(machine['flags'])}; fp32 torch.mm 2048: "
+          f"{statistics.median(r['mm_flop_per_s'] for r in rows) / 1e9:.0f} GFLOP/s\n")
+    print(table(rows))
     for r in rows:
-        r["floor_ms"] = r["flops"] / mm * 1e3
-        for k in ("eager", "fp32", "int8"):
-            r[f"{k}_x_floor"] = r[f"{k}_ms"] / r["floor_ms"]
-
-    print(f"EUPE students at {args.size}px, batch 1, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), ExecuTorch {threads()} threads, "
-          f"median of {args.runs} runs after {args.warmup}")
-    print(f"fp32 torch.mm {args.matmul_n}x{args.matmul_n}: {mm_before / 1e9:.1f} GFLOP/s before, "
-          f"{mm_after / 1e9:.1f} after (floor uses {mm / 1e9:.1f})")
-    print()
-    hdr = (f"{'model':8s} {'params':>7s} {'GFLOP':>6s} {'floor ms':>9s} | {'eager ms':>9s} {'x':>5s} | "
-           f"{'ET fp32 ms':>10s} {'x':>5s} | {'ET int8 ms':>10s} {'x':>5s} | {'MiB fp32/int8':>13s} {'export s':>9s}")
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        print(f"{r['model']:8s} {r['params'] / 1e6:6.1f}M {r['flops'] / 1e9:6.2f} {r['floor_ms']:9.2f} | "
-              f"{r['eager_ms']:9.2f} {r['eager_x_floor']:5.1f} | {r['fp32_ms']:10.2f} {r['fp32_x_floor']:5.1f} | "
-              f"{r['int8_ms']:10.2f} {r['int8_x_floor']:5.1f} | "
-              f"{r['fp32_bytes'] / 2**20:6.1f}/{r['int8_bytes'] / 2**20:<6.1f} "
-              f"{r['fp32_export_s']:4.0f}/{r['int8_export_s']:<4.0f}")
-    for r in rows:
-        if r["fp32_non_delegated"]:
-            print(f"{r['model']}: left to portable kernels (fp32): "
-                  + ", ".join(f"{k} x{v}" for k, v in r["fp32_non_delegated"].items()))
-
-    out = {"benchmark": "export_latency", "size": args.size, "warmup": args.warmup, "runs": args.runs,
-           "threads": torch.get_num_threads(), "executorch_threads": threads(), "torch": torch.__version__,
-           "machine": platform.machine(),
-           "matmul": {"n": args.matmul_n, "flop_per_s_before": mm_before, "flop_per_s_after": mm_after}, "rows": rows}
+        for dtype in ("fp32", "int8"):
+            left = r[f"et_{dtype}_non_delegated"]
+            print(f"{r['model']} {r['size']}px ET {dtype}: {r[f'et_{dtype}_subgraphs']} XNNPACK subgraph(s), outside "
+                  f"XNNPACK: {', '.join(f'{k} x{v}' for k, v in left.items()) if left else 'nothing'}")
+    out = {"benchmark": "export_latency", "cpu": machine, "threads": args.threads, "rounds": args.rounds,
+           "warmup": args.warmup, "torch": torch.__version__, "onnxruntime": ort_peer.version(),
+           "int8_activations": ExportConfig().int8_activations, "rows": rows}
     if args.json:
         storage.write_json(str(args.json), out)
         print(f"wrote {args.json}")
+    if args.png:
+        plot(rows, args.png, title)
+        print(f"wrote {args.png}")
     return out
 
 

@@ -1,10 +1,13 @@
 """``eupe export``: the trained encoder (adapters dropped) -> one ExecuTorch ``.pte`` per configured
-input size, fp32 and optionally int8, each checked against eager PyTorch on real images.
+input size, fp32 and optionally int8, each checked against eager PyTorch on real images; with several
+sizes (and ``export.multi_resolution``) also one ``.pte`` per dtype whose program has a method per size
+(``forward_256``, ...), the weights the methods share stored once.
 
 Writes ``export.json`` (per variant: ``pte``, ``input_shape``, ``dtype``, ``parity_cosine``,
-``parity_max_abs``, ``bytes``, ``export_s``, delegation), ``export.png`` and ``result.json``. A parity
-miss, or an operator left outside XNNPACK under ``export.require_full_delegation``, fails after
-``export.json`` is written, so the failing numbers are on disk.
+``parity_max_abs``, ``bytes``, ``export_s``, delegation; the multi-resolution rows add ``methods``, each
+with its own parity, and ``single_resolution_bytes``, the sum of the one-size files it stands for),
+``export.png`` and ``result.json``. A parity miss, or an operator left outside XNNPACK under
+``export.require_full_delegation``, fails after ``export.json`` is written, so the failing numbers are on disk.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from eupe.data.folder import ImageSource
 from eupe.distill.targets import model_inputs, prepare
 from eupe.errors import EupeError, GateFailed
 from eupe.evaluate.data import EvalImages, open_image_folder
-from eupe.export.lower import EncoderOutputs, check_size, fixed_size, lower
-from eupe.export.runtime import load_forward, parity
+from eupe.export.lower import EncoderOutputs, Lowered, check_size, fixed_size, lower_methods, to_program
+from eupe.export.runtime import Forward, load_program, parity
 from eupe.models.registry import build_model, check_weights
 from eupe.fingerprint import data_inputs, fingerprint
 from eupe.step import StepRun
@@ -67,51 +70,80 @@ def run_export(cfg: Config, out: str | Path, encoder: str = "student", dtypes: l
 
     bounds = {"fp32": ex.fp32_min_cosine, "int8": ex.int8_min_cosine}
     variants = [(d, bounds[d]) for d in (dtypes or ["fp32"] + (["int8"] if ex.int8 else []))]
+    static_int8 = ex.int8_activations == "static"
     models: dict[str, dict] = {}
     failures: list[str] = []
+
+    def program(r: int, dtype: str):
+        """The ExportedProgram of one size and dtype (built when lowering asks for it)."""
+        calibration = _images(source, r, calib_idx, mean, std, CALIBRATION_BATCH) if dtype == "int8" and static_int8 else None
+        return lambda: to_program(cases[r][0], cases[r][1][:1], ex.int8_activations if dtype == "int8" else None, calibration)
+
+    def record(name: str, dtype: str, bound: float, lowered: Lowered, checks: dict[int, tuple[Forward, torch.Tensor, list]],
+               export_s: float, **extra) -> dict:
+        per_size = {}
+        for r, (forward, x, reference) in checks.items():
+            outputs = [forward(x[i : i + 1]) for i in range(len(x))]
+            per_size[r] = parity(reference, [torch.cat(o) for o in zip(*outputs, strict=True)])
+        row = {"dtype": dtype, **extra, "parity_cosine": min(p["cosine"] for p in per_size.values()),
+               "parity_max_abs": max(p["max_abs"] for p in per_size.values()), "min_cosine": bound,
+               "bytes": len(lowered.program), "export_s": round(export_s, 3), "delegated_nodes": lowered.delegated_nodes,
+               "xnnpack_subgraphs": lowered.subgraphs, "non_delegated_ops": lowered.non_delegated}
+        if len(checks) > 1:
+            row["methods"] = {f"forward_{r}": {"input_shape": [1, 3, r, r], "parity_cosine": p["cosine"],
+                                               "parity_max_abs": p["max_abs"]} for r, p in per_size.items()}
+        problems = []
+        if row["parity_cosine"] < bound:
+            problems.append(f"parity cosine {row['parity_cosine']:.5f} < {bound} (export.{dtype}_min_cosine)")
+        if ex.require_full_delegation and lowered.non_delegated:
+            ops = ", ".join(f"{op} x{k}" for op, k in lowered.non_delegated.items())
+            problems.append(f"not delegated to XNNPACK: {ops} (export.require_full_delegation)")
+        row["passed"] = not problems
+        failures.extend(f"{name}: {msg}" for msg in problems)
+        storage.write_bytes(str(tmp / f"{name}.pte"), lowered.program)
+        models[name] = {"pte": run.path(f"{name}.pte"), **row}
+        log.info("%s: %.2f MiB, parity cosine %.6f, max abs %.3g, %.1fs, %d ops outside XNNPACK", name,
+                 row["bytes"] / 2**20, row["parity_cosine"], row["parity_max_abs"], export_s,
+                 sum(lowered.non_delegated.values()))
+        return row
+
+    cases: dict[int, tuple[torch.nn.Module, torch.Tensor, list]] = {}  # size -> (static graph, images, eager outputs)
     with run.staging() as tmp:
         for r in ex.resolutions:
             x = next(_images(source, r, parity_idx, mean, std, batch=len(parity_idx)))
             with torch.no_grad():
-                reference = EncoderOutputs(model)(x)  # the trained model itself, dynamic size path
-            static = EncoderOutputs(fixed_size(model, spec, r))
+                reference = list(EncoderOutputs(model)(x))  # the trained model itself, dynamic size path
+            cases[r] = (EncoderOutputs(fixed_size(model, spec, r)), x, reference)
             for dtype, bound in variants:
                 name = f"{encoder}_{r}px_{dtype}"
                 log.info("exporting %s (%s, %d px, %s)", name, spec.model, r, dtype)
                 t0 = time.perf_counter()
-                calibration = _images(source, r, calib_idx, mean, std, CALIBRATION_BATCH) if dtype == "int8" else None
-                lowered = lower(static, x[:1], calibration, name)
+                lowered = lower_methods({"forward": program(r, dtype)}, name)
                 export_s = time.perf_counter() - t0
-                storage.write_bytes(str(tmp / f"{name}.pte"), lowered.program)
-                forward = load_forward(lowered.program, f"{name}.pte")
-                outputs = [forward(x[i : i + 1]) for i in range(len(x))]
-                p = parity(reference, [torch.cat(o) for o in zip(*outputs, strict=True)])
-                row = {
-                    "pte": run.path(f"{name}.pte"), "input_shape": [1, 3, r, r], "dtype": dtype, "resolution": r,
-                    "parity_cosine": p["cosine"], "parity_max_abs": p["max_abs"], "min_cosine": bound,
-                    "bytes": len(lowered.program), "export_s": round(export_s, 3),
-                    "delegated_nodes": lowered.delegated_nodes, "xnnpack_subgraphs": lowered.subgraphs,
-                    "non_delegated_ops": lowered.non_delegated,
-                }
-                problems = []
-                if p["cosine"] < bound:
-                    problems.append(f"parity cosine {p['cosine']:.5f} < {bound} (export.{dtype}_min_cosine)")
-                if ex.require_full_delegation and lowered.non_delegated:
-                    ops = ", ".join(f"{op} x{k}" for op, k in lowered.non_delegated.items())
-                    problems.append(f"not delegated to XNNPACK: {ops} (export.require_full_delegation)")
-                row["passed"] = not problems
-                failures += [f"{name}: {msg}" for msg in problems]
-                models[name] = row
-                log.info("%s: %.2f MiB, parity cosine %.6f, max abs %.3g, %.1fs, %d ops outside XNNPACK",
-                         name, row["bytes"] / 2**20, p["cosine"], p["max_abs"], export_s,
-                         sum(lowered.non_delegated.values()))
+                forward = load_program(lowered.program, f"{name}.pte").method()
+                record(name, dtype, bound, lowered, {r: (forward, x, reference)}, export_s,
+                       input_shape=[1, 3, r, r], resolution=r)
+        if ex.multi_resolution and len(ex.resolutions) > 1:
+            for dtype, bound in variants:
+                name = f"{encoder}_multires_{dtype}"
+                log.info("exporting %s (%s, methods for %s px, %s)", name, spec.model, ex.resolutions, dtype)
+                t0 = time.perf_counter()
+                lowered = lower_methods({f"forward_{r}": program(r, dtype) for r in ex.resolutions}, name)
+                export_s = time.perf_counter() - t0
+                loaded = load_program(lowered.program, f"{name}.pte")
+                singles = sum(models[f"{encoder}_{r}px_{dtype}"]["bytes"] for r in ex.resolutions)
+                record(name, dtype, bound, lowered,
+                       {r: (loaded.method(f"forward_{r}"), cases[r][1], cases[r][2]) for r in ex.resolutions}, export_s,
+                       input_shape=None, resolutions=list(ex.resolutions), single_resolution_bytes=singles,
+                       bytes_vs_single_files=round(len(lowered.program) / singles, 4))
 
         report = {
             "encoder": encoder, "model": spec.model, "weights": spec.weights,
             "input": {"layout": "NCHW float32, RGB in [0, 1] then (x - mean) / std",
                       "mean": mean.flatten().tolist(), "std": std.flatten().tolist()},
             "outputs": ["cls [1, C]", "patches [1, N, D] (row-major token grid)"],
-            "parity_images": len(parity_idx), "calibration_images": len(calib_idx) if ex.int8 else 0,
+            "parity_images": len(parity_idx), "int8_activations": ex.int8_activations,
+            "calibration_images": len(calib_idx) if ex.int8 and static_int8 else 0,
             "models": models,
         }
         storage.write_json(str(tmp / EXPORT_FILE), report)

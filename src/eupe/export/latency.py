@@ -1,5 +1,7 @@
 """``eupe latency``: time a ``.pte`` (warm-up, then N runs; median and p90) with the ExecuTorch runtime
 here or on a phone through adb, and gate the median on a budget from ``configs/latency_budgets.yaml``.
+A multi-resolution program (a method per input size, ``forward_256``, ...) has each method timed and
+gated on the budget of its size; the top-level figures are those of its largest size.
 
 Writes ``latency.json``, ``latency.png`` (histogram of the runs with the budget line) and
 ``result.json``; a median over budget fails after they are written.
@@ -20,7 +22,7 @@ from eupe import storage
 from eupe.config import Config
 from eupe.errors import EupeError, GateFailed
 from eupe.export.budgets import Budget, load_budgets
-from eupe.export.runtime import load_forward, summary, threads, time_runs
+from eupe.export.runtime import image_methods, load_program, summary, threads, time_runs
 from eupe.fingerprint import fingerprint
 from eupe.step import StepRun
 
@@ -64,53 +66,59 @@ def run_latency(cfg: Config, pte_uri: str, out: str | Path, model: str, resoluti
         return run.done
     pte = storage.local_copy(pte_uri)
     check_program(pte, str(pte_uri))
-    forward = load_forward(pte, str(pte_uri))
-    shape = forward.input_shape
-    if len(shape) != 4 or shape[-1] != shape[-2]:
-        raise EupeError(f"{pte_uri}: expected a square image input [1, 3, R, R], the program takes {list(shape)}")
-    if resolution is not None and resolution != shape[-1]:
-        raise EupeError(f"--resolution {resolution}: {pte_uri} takes {shape[-1]} px inputs {list(shape)}")
-    resolution = shape[-1]
+    methods = image_methods(load_program(pte, str(pte_uri)), str(pte_uri), resolution)  # {R: method}
     if budget_ms is not None:
         if budget_ms <= 0:
             raise EupeError(f"--budget-ms {budget_ms:g}: a latency budget must be > 0 ms")
-        budget, budgets = Budget(budget_ms=budget_ms), f"--budget-ms {budget_ms:g}"
+        budget_of, budgets = {r: Budget(budget_ms=budget_ms) for r in methods}, f"--budget-ms {budget_ms:g}"
     else:
-        budget = load_budgets(budgets).lookup(device_class, model, resolution, budgets) if budgets else None
+        budget_of = {r: load_budgets(budgets).lookup(device_class, model, r, budgets) if budgets else None for r in methods}
 
-    if device == "local":
-        where = f"local {platform.machine()}, {threads()} ExecuTorch threads"
-        x = torch.randn(shape)
-        runs = time_runs(lambda: forward(x), lat.warmup, lat.runs)
-    elif device == "adb":
-        from eupe.export.adb import time_on_device
+    rows: dict[int, dict] = {}
+    for r, forward in methods.items():
+        if device == "local":
+            where = f"local {platform.machine()}, {threads()} ExecuTorch threads"
+            x = torch.randn(forward.input_shape)
+            runs = time_runs(lambda: forward(x), lat.warmup, lat.runs)
+        elif device == "adb":
+            from eupe.export.adb import time_on_device
 
-        serial, runs = time_on_device(pte, runner or lat.executor_runner, lat.warmup, lat.runs, serial, lat.adb_workdir)
-        where = f"adb {serial}"
-    else:
-        raise EupeError(f"--device: expected local or adb, got {device!r}")
-    stats = summary(runs)
-    median, p90 = stats["median_ms"], stats["p90_ms"]
-    passed = None if budget is None else median <= budget.budget_ms
+            if forward.method_name != "forward":
+                raise EupeError(f"--device adb: {pte_uri} holds methods {forward.owner.names}; executor_runner runs "
+                                "`forward` only: time a single-resolution .pte")
+            serial, runs = time_on_device(pte, runner or lat.executor_runner, lat.warmup, lat.runs, serial, lat.adb_workdir)
+            where = f"adb {serial}"
+        else:
+            raise EupeError(f"--device: expected local or adb, got {device!r}")
+        stats, budget = summary(runs), budget_of[r]
+        rows[r] = {"resolution": r, "input_shape": list(forward.input_shape), "runs": len(runs), "runs_ms": runs, **stats,
+                   "budget_ms": budget.budget_ms if budget else None,
+                   "passed": None if budget is None else stats["median_ms"] <= budget.budget_ms}
+    resolution = max(rows)  # the top-level figures are those of the largest size
+    top, budget = rows[resolution], budget_of[resolution]
+    passed = None if budget is None else all(row["passed"] for row in rows.values())
     report = {
-        "pte": str(pte_uri), "model": model, "resolution": resolution, "input_shape": list(shape),
+        "pte": str(pte_uri), "model": model, "resolution": resolution, "input_shape": top["input_shape"],
         "device": device, "where": where, "device_class": device_class,
-        "warmup": lat.warmup, "runs": len(runs), "runs_ms": runs,
-        **stats,
+        "warmup": lat.warmup, **{k: top[k] for k in ("runs", "runs_ms", "median_ms", "p90_ms", "mean_ms", "min_ms")},
         "budget_ms": budget.budget_ms if budget else None, "budgets": budgets, "passed": passed,
     }
-    log.info("%s: median %.3f ms, p90 %.3f ms over %d runs (%s), budget %s", Path(str(pte_uri)).name, median, p90,
-             len(runs), where, f"{budget.budget_ms:g} ms" if budget else "none")
+    if len(rows) > 1:
+        report["methods"] = {methods[r].method_name: row for r, row in rows.items()}
+    for r, row in rows.items():
+        log.info("%s %d px: median %.3f ms, p90 %.3f ms over %d runs (%s), budget %s", Path(str(pte_uri)).name, r,
+                 row["median_ms"], row["p90_ms"], row["runs"], where, "none" if row["budget_ms"] is None else f"{row['budget_ms']:g} ms")
     with run.staging() as tmp:
         storage.write_json(str(tmp / LATENCY_FILE), report)
         from eupe.export.plots import latency_histogram
 
-        latency_histogram(runs, median, report["budget_ms"], tmp / "latency.png",
+        latency_histogram(top["runs_ms"], top["median_ms"], report["budget_ms"], tmp / "latency.png",
                           title=f"{model} {resolution}px on {device_class} ({where})")
         metrics = {k: report[k] for k in ("median_ms", "p90_ms", "budget_ms", "passed", "runs")}
     result = run.finish(metrics, {"latency": run.path(LATENCY_FILE), "plot": run.path("latency.png")},
                         status="failed" if passed is False else "ok")
     if passed is False:
-        raise GateFailed(f"latency gate: median {median:.2f} ms over the {budget.budget_ms:g} ms budget of "
-                        f"{device_class}/{model}/{resolution}px in {budgets} ({run.path(LATENCY_FILE)})")
+        r, row = next((r, row) for r, row in rows.items() if row["passed"] is False)
+        raise GateFailed(f"latency gate: median {row['median_ms']:.2f} ms over the {row['budget_ms']:g} ms budget of "
+                        f"{device_class}/{model}/{r}px in {budgets} ({run.path(LATENCY_FILE)})")
     return result

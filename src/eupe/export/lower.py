@@ -1,17 +1,22 @@
 """Eager encoder -> ExecuTorch program: a fixed-size copy, ``torch.export``, optional int8 PTQ with the
-XNNPACK quantizer, lowering with the XNNPACK partitioner, and a count of what was not delegated."""
+XNNPACK quantizer (dynamic or static activations), the rewrites that let XNNPACK take every operator,
+lowering with the XNNPACK partitioner (one method, or one per input size in a single program), and a
+count of what was not delegated."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from eupe.config import ModelSpec
 from eupe.errors import EupeError
+from eupe.export.rewrite import forget_provenance, xnnpack_friendly
 from eupe.export.runtime import first_line
 from eupe.models.features import extract_features
 from eupe.models.registry import build_model
@@ -65,62 +70,106 @@ def fixed_size(model: nn.Module, spec: ModelSpec, size: int, field_name: str = "
     return fixed.eval()
 
 
+Int8 = Literal["dynamic", "static"]
+
+
 @dataclass
 class Lowered:
     program: bytes  # the .pte
     delegated_nodes: int
-    subgraphs: int  # XNNPACK partitions
+    subgraphs: int  # XNNPACK partitions, over all methods
     non_delegated: dict[str, int] = field(default_factory=dict)  # edge op -> count, run by portable kernels
+    methods: list[str] = field(default_factory=lambda: ["forward"])
 
 
-def quantize_int8(module: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor]) -> nn.Module:
-    """Post-training int8 (XNNPACK quantizer, symmetric, per-channel weights) calibrated on the image
-    batches of ``calibration``. The graph observed is exported with a dynamic batch so that calibration
-    runs batched (the observers cost per call, not per image); the result is exported again at
-    ``example``'s static shape by :func:`lower`."""
+def quantize_int8(module: nn.Module, example: torch.Tensor, activations: Int8 = "dynamic",
+                  calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
+    """Post-training int8 with the XNNPACK quantizer: symmetric per-channel int8 weights, and int8
+    activations either quantized at run time per input (``dynamic``: XNNPACK's qd8 GEMMs, no calibration,
+    what ONNX Runtime's dynamic quantization does) or with scales calibrated once on the image batches of
+    ``calibration`` (``static``). Static calibration observes a graph exported with a dynamic batch so
+    that it runs batched (the observers cost per call, not per image); the result is exported again at
+    ``example``'s static shape by :func:`to_program`."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    two = example[:1].expand(2, *example.shape[1:]).contiguous()  # batch 1 would be specialised away
-    graph = torch.export.export(module, (two,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    dynamic = activations == "dynamic"
+    if dynamic:
+        graph = torch.export.export(module, (example,), strict=False)
+        batches: Iterable[torch.Tensor] = [example]  # the weight observers' one pass
+    else:
+        two = example[:1].expand(2, *example.shape[1:]).contiguous()  # batch 1 would be specialised away
+        graph = torch.export.export(module, (two,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
+        batches = (x if x.shape[0] > 1 else x.expand(2, *x.shape[1:]) for x in calibration or [])
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+    if dynamic:
+        quantizer.set_filter_function(_dynamic_conv_ok)
     prepared = prepare_pt2e(graph.module(), quantizer)
     seen = 0
-    for x in calibration:
-        prepared(x if x.shape[0] > 1 else x.expand(2, *x.shape[1:]))
+    for x in batches:
+        prepared(x)
         seen += x.shape[0]
     if not seen:
         raise EupeError("int8 calibration: no images")
     return convert_pt2e(prepared)
 
 
-def lower(module: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor] | None = None,
-          name: str = "model") -> Lowered:
-    """``torch.export`` of an eval-mode ``module`` at the static shape of ``example`` (int8 when
-    ``calibration`` batches are given), lower to XNNPACK, serialize. The delegation summary comes from
-    ExecuTorch's ``get_delegation_info``. A graph that cannot be exported, quantized or lowered fails
-    with one line naming ``name`` and the first line of the underlying error."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackPartitioner,
-    )
+def _dynamic_conv_ok(node: torch.fx.Node) -> bool:
+    """Dynamic int8 for every linear, but for a convolution only where it reads the image (a ViT's patch
+    embedding, a CNN's stem). ExecuTorch 1.5's channels-last pass, converting the input of a dynamically
+    quantized convolution to NHWC, walks back through every first argument to the graph input and
+    rewires the whole chain, so that a convolution after other delegated operators (ConvNeXt's
+    downsampling, after a LayerNorm) fails at run time; those few convolutions stay fp32."""
+    if node.op == "call_function" and node.target in (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default):
+        return getattr(node.args[0], "op", None) == "placeholder"
+    return True
+
+
+def to_program(module: nn.Module, example: torch.Tensor, int8: Int8 | None = None,
+               calibration: Iterable[torch.Tensor] | None = None) -> ExportedProgram:
+    """``torch.export`` of an eval-mode ``module`` at the static shape of ``example`` (quantized first when
+    ``int8`` is given), rewritten so that XNNPACK takes every compute operator (:mod:`eupe.export.rewrite`)."""
+    with torch.no_grad():
+        if int8 is not None:
+            module = quantize_int8(module, example, int8, calibration)
+        return xnnpack_friendly(torch.export.export(module, (example,), strict=False))
+
+
+def lower_methods(programs: dict[str, Callable[[], ExportedProgram]], name: str = "model") -> Lowered:
+    """One ExecuTorch program with a method per entry of ``programs`` (each built by its callable), lowered
+    to XNNPACK and serialized. Methods share the constants they have in common: XNNPACK keeps its weights in
+    the program's named data, keyed by content, so a weight several methods use is stored once. The
+    delegation summary comes from ExecuTorch's ``get_delegation_info``, summed over the methods. A graph
+    that cannot be exported, quantized or lowered fails with one line naming ``name`` and the first line
+    of the underlying error."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
     try:
-        with torch.no_grad():
-            if calibration is not None:
-                module = quantize_int8(module, example, calibration)
-            program = torch.export.export(module, (example,), strict=False)
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        info = get_delegation_info(edge.exported_program().graph_module)
+        exported = {method: build() for method, build in programs.items()}
+        edge = to_edge_transform_and_lower(exported if len(exported) > 1 or "forward" not in exported
+                                           else exported["forward"],
+                                           partitioner=[XnnpackPartitioner()], transform_passes=[forget_provenance])
+        infos = [get_delegation_info(edge.exported_program(m).graph_module) for m in exported]
         buffer = bytes(edge.to_executorch().buffer)
     except EupeError:
         raise
     except Exception as e:  # noqa: BLE001 -- torch.export, the quantizer and exir raise many types, multi-line
         raise EupeError(f"{name}: cannot lower to ExecuTorch/XNNPACK: {first_line(e)}") from None
-    left = {op: b.non_delegated for op, b in sorted(info.delegation_by_operator.items())
-            if b.non_delegated and op not in _PLUMBING}
-    return Lowered(buffer, info.num_delegated_nodes, info.num_delegated_subgraphs, left)
+    left: dict[str, int] = {}
+    for info in infos:
+        for op, b in info.delegation_by_operator.items():
+            if b.non_delegated and op not in _PLUMBING:
+                left[op] = left.get(op, 0) + b.non_delegated
+    return Lowered(buffer, sum(i.num_delegated_nodes for i in infos), sum(i.num_delegated_subgraphs for i in infos),
+                   dict(sorted(left.items())), list(exported))
+
+
+def lower(module: nn.Module, example: torch.Tensor, name: str = "model", int8: Int8 | None = None,
+          calibration: Iterable[torch.Tensor] | None = None) -> Lowered:
+    """A one-method (``forward``) program: :func:`to_program` then :func:`lower_methods`."""
+    return lower_methods({"forward": lambda: to_program(module, example, int8, calibration)}, name)

@@ -22,9 +22,10 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
-class Forward:
-    """The ``forward`` method of a loaded program. Holds the program too: the method points into it, and
-    executing it after the program was garbage-collected crashes the process."""
+class Program:
+    """A loaded ``.pte`` and its methods: ``forward``, or one per input size (``forward_256``, ...) in a
+    multi-resolution program. Holds the program: a method points into it, and executing it after the
+    program was garbage-collected crashes the process."""
 
     def __init__(self, pte: bytes | Path, name: str = "<buffer>"):
         from executorch.runtime import Runtime
@@ -32,9 +33,30 @@ class Forward:
         self.name = name
         try:
             self.program = Runtime.get().load_program(pte if isinstance(pte, bytes) else Path(pte))
-            self.method = self.program.load_method("forward")
         except (RuntimeError, ValueError, KeyError) as e:
             raise EupeError(f"cannot load {name} with the ExecuTorch runtime: {first_line(e)}") from None
+        self.names = sorted(self.program.method_names, key=lambda m: (len(m), m))  # forward_256 before forward_1024
+
+    def method(self, method: str = "forward") -> Forward:
+        if method not in self.names:
+            raise EupeError(f"{self.name}: no method {method!r} (the program has {', '.join(self.names)})")
+        return Forward(self, method)
+
+    def methods(self) -> dict[str, Forward]:
+        return {m: self.method(m) for m in self.names}
+
+
+class Forward:
+    """One method of a loaded :class:`Program`, called with an image batch ``[1, 3, R, R]``."""
+
+    def __init__(self, program: Program, method: str = "forward"):
+        self.owner = program  # keeps the program alive while this method is used
+        self.method_name = method
+        self.name = program.name if method == "forward" else f"{program.name}:{method}"
+        try:
+            self.method = program.program.load_method(method)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise EupeError(f"cannot load {self.name} with the ExecuTorch runtime: {first_line(e)}") from None
 
     @functools.cached_property
     def input_shape(self) -> tuple[int, ...]:
@@ -53,8 +75,12 @@ class Forward:
             raise EupeError(f"{self.name}: ExecuTorch execute failed: {first_line(e)}") from None
 
 
-def load_forward(pte: bytes | Path, name: str = "<buffer>") -> Forward:
-    return Forward(pte, name)
+def load_program(pte: bytes | Path, name: str = "<buffer>") -> Program:
+    return Program(pte, name)
+
+
+def load_forward(pte: bytes | Path, name: str = "<buffer>", method: str = "forward") -> Forward:
+    return Program(pte, name).method(method)
 
 
 def threads() -> int:
@@ -93,3 +119,21 @@ def summary(runs_ms: Sequence[float]) -> dict[str, float]:
     """Median, p90 (linear interpolation between order statistics), mean and minimum of run times."""
     return {"median_ms": statistics.median(runs_ms), "p90_ms": float(np.percentile(runs_ms, 90)),
             "mean_ms": statistics.fmean(runs_ms), "min_ms": min(runs_ms)}
+
+
+def image_methods(program: Program, uri: str, resolution: int | None = None) -> dict[int, Forward]:
+    """``{R: method}`` of a program whose methods each take one square image ``[1, 3, R, R]`` (``forward``,
+    or ``forward_<R>`` per size of a multi-resolution program), smallest first; ``resolution`` keeps that
+    size only (a size the program does not take fails in one line)."""
+    methods: dict[int, Forward] = {}
+    for name in program.names:
+        forward = program.method(name)
+        shape = forward.input_shape
+        if len(shape) != 4 or shape[-1] != shape[-2]:
+            raise EupeError(f"{uri}: expected a square image input [1, 3, R, R], the program takes {list(shape)}")
+        methods[shape[-1]] = forward
+    methods = dict(sorted(methods.items()))
+    if resolution is not None and resolution not in methods:
+        takes = ", ".join(f"{r} px inputs {list(f.input_shape)}" for r, f in methods.items())
+        raise EupeError(f"--resolution {resolution}: {uri} takes {takes}")
+    return {resolution: methods[resolution]} if resolution is not None else methods
