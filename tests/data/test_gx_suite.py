@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -54,3 +53,18 @@ def test_an_expectation_added_to_the_file_runs_and_can_fail_the_gate(tmp_path, m
     names = {e["name"]: e for e in report["expectations"]}
     assert names["expect_column_values_to_not_be_null(label)#11"]["severity"] == "warn"
     assert names["max_width"]["column"] == "width"
+
+
+def test_a_user_expectation_named_like_a_built_in_is_refused(tmp_path):
+    from eupe.data.validate import _with_user_checks
+    from eupe.errors import EupeError
+
+    path = tmp_path / f"{SUITE_NAME}.json"
+    path.write_text(json.dumps({"name": SUITE_NAME, "expectations": [
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "uri"}, "meta": {"name": "min_side"}}]}))
+    checks = _checks(pd.DataFrame({"class_ratio": [None], "domain_ratio": [None]}), load_config())
+    with pytest.raises(EupeError, match="min_side is a built-in"):
+        _with_user_checks(checks, path)
+    path.write_text("{not json")
+    with pytest.raises(EupeError, match="not readable JSON"):
+        _with_user_checks(checks, path)

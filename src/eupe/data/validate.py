@@ -174,8 +174,10 @@ def _checks(df: pd.DataFrame, cfg: Config) -> list[Check]:
 
 def _with_user_checks(checks: list[Check], path: Path | None) -> list[Check]:
     """The built-in checks plus the expectations people added to the suite file (``eupe.data.gx_suite``)."""
-    taken = {c.name for c in checks}
-    extra = [Check(name, severity, exp) for name, severity, exp in user_expectations(path) if name not in taken]
+    extra = [Check(name, severity, exp) for name, severity, exp in user_expectations(path)]
+    clash = sorted({c.name for c in checks} & {c.name for c in extra})
+    if clash:
+        raise EupeError(f"expectation suite {path}: meta.name {', '.join(clash)} is a built-in check's name")
     return checks + extra
 
 
