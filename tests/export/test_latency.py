@@ -19,7 +19,7 @@ from eupe.errors import EupeError
 from eupe.export.adb import parse_times
 from eupe.export.budgets import load_budgets
 from eupe.export.latency import run_latency
-from eupe.export.lower import lower
+from eupe.export.lower import lower, lower_methods
 from eupe.export.runtime import load_forward, parity, summary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +32,17 @@ def pte(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.GELU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 16)).eval()
     path = tmp_path_factory.mktemp("pte") / "tiny.pte"
     path.write_bytes(lower(model, torch.randn(1, 3, 32, 32)).program)
+    return path
+
+
+@pytest.fixture(scope="module")
+def multires_pte(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One program, two methods: forward_32 and forward_64 (the same weights, global average pooled)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16)).eval()
+    path = tmp_path_factory.mktemp("pte") / "multires.pte"
+    programs = {f"forward_{r}": (lambda r=r: torch.export.export(model, (torch.randn(1, 3, r, r),))) for r in (32, 64)}
+    path.write_bytes(lower_methods(programs).program)
     return path
 
 
@@ -60,6 +71,31 @@ def test_gate_passes_above_the_measured_time_and_fails_below(tmp_path: Path, pte
     report = json.loads((out / "latency.json").read_text())  # written before failing
     assert report["passed"] is False and report["median_ms"] > 1e-6
     assert json.loads((out / "result.json").read_text())["status"] == "failed"
+
+
+def test_each_method_of_a_multi_resolution_program_is_timed_and_gated(tmp_path: Path, multires_pte: Path):
+    budgets = tmp_path / "b.yaml"
+    budgets.write_text("device_classes:\n  test-cpu:\n    models:\n      tiny:\n        32: {budget_ms: 1.0e+6}\n"
+                       "        64: {budget_ms: 1.0e-6}\n")
+    out = tmp_path / "lat"
+    with pytest.raises(EupeError, match=r"latency gate: median .* ms over the 1e-06 ms budget of test-cpu/tiny/64px"):
+        run_latency(_cfg(), str(multires_pte), out, "tiny", budgets=str(budgets), device_class="test-cpu")
+    report = json.loads((out / "latency.json").read_text())
+    assert sorted(report["methods"]) == ["forward_32", "forward_64"] and report["passed"] is False
+    m32, m64 = report["methods"]["forward_32"], report["methods"]["forward_64"]
+    assert m32["input_shape"] == [1, 3, 32, 32] and m32["passed"] is True and m32["budget_ms"] == 1e6
+    assert m64["input_shape"] == [1, 3, 64, 64] and m64["passed"] is False and len(m64["runs_ms"]) == 5
+    # the top level is the largest size's
+    assert report["resolution"] == 64 and report["median_ms"] == m64["median_ms"] and report["runs_ms"] == m64["runs_ms"]
+
+    run_latency(_cfg(), str(multires_pte), tmp_path / "one", "tiny", resolution=32, budgets=str(budgets),
+                device_class="test-cpu")  # --resolution: that method only
+    report = json.loads((tmp_path / "one" / "latency.json").read_text())
+    assert report["resolution"] == 32 and report["passed"] is True and "methods" not in report
+    with pytest.raises(EupeError, match=r"--resolution 48: .* takes 32 px inputs \[1, 3, 32, 32\], 64 px inputs"):
+        run_latency(_cfg(), str(multires_pte), tmp_path / "bad", "tiny", resolution=48)
+    with pytest.raises(EupeError, match=r"--device adb: .* holds methods \['forward_32', 'forward_64'\]"):
+        run_latency(_cfg(), str(multires_pte), tmp_path / "adb", "tiny", device="adb")
 
 
 def test_cli_measures_without_budgets(tmp_path: Path, pte: Path, capsys: pytest.CaptureFixture[str]):
@@ -251,8 +287,8 @@ def test_warmup_forwards_run_untimed_before_the_timed_ones(tmp_path: Path, pte: 
                 time.sleep(slow_s)
             return self.forward(x)
 
-    real = latency.load_forward
-    monkeypatch.setattr(latency, "load_forward", lambda *a, **k: SlowFirstCalls(real(*a, **k)))
+    real = latency.image_methods
+    monkeypatch.setattr(latency, "image_methods", lambda *a, **k: {r: SlowFirstCalls(f) for r, f in real(*a, **k).items()})
     run_latency(load_config(None, [f"latency.warmup={warmup}", f"latency.runs={runs}"]), str(pte), tmp_path / "lat", "tiny")
     report = json.loads((tmp_path / "lat" / "latency.json").read_text())
     assert len(calls) == warmup + runs, f"{len(calls)} forwards for {warmup} warm-up + {runs} timed runs"
