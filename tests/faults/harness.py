@@ -31,14 +31,13 @@ import random
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +47,8 @@ for _p in (TESTS, TESTS / "distill"):  # conftest (tiny recipe, workspace, moto 
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from conftest import TINY_RECIPE, _free_port, _wait_until_up, pipeline_workspace  # noqa: E402
-from runs import BIN, _descendants, assert_same_weights, kill_tree  # noqa: E402
+from conftest import _free_port, _wait_until_up, pipeline_workspace  # noqa: E402
+from runs import BIN, _descendants, kill_tree  # noqa: E402
 
 from eupe import storage  # noqa: E402  (light: no torch)
 
@@ -579,6 +578,7 @@ class Case:
     reset: Callable[[], None] = lambda: None  # the run side as before its first run
     ref_s: float = 0.0  # wall time of the uninterrupted run
     ref_first_s: float = 0.0  # until its first line of output (imports done)
+    ref_writes_s: float = 0.0  # until --out (or a declared output) first existed: training's loop, a publish
 
     def argv(self, restart: bool) -> list[str]:
         return [str(a) for a in self.command("run")] + (self.restart if restart else [])
@@ -590,22 +590,27 @@ class Finished:
     seconds: float
     first_output_s: float
     log: Path
+    writes_s: float = 0.0  # until the first of ``watch`` existed
 
 
 def run_to_end(start: Callable[..., Any], argv: list, log: Path, timeout: float = RUN_TIMEOUT_S,
-               env: dict[str, str] | None = None) -> Finished:
+               env: dict[str, str] | None = None, watch: Iterable[Path] = ()) -> Finished:
     t0 = time.monotonic()
     proc = start([str(a) for a in argv], log, env=env)
-    first = None
+    first = writes = None
+    watch = list(watch)
     while proc.poll() is None:
         if first is None and log.exists() and log.stat().st_size:
             first = time.monotonic() - t0
+        if writes is None and watch and any(p.exists() for p in watch):
+            writes = time.monotonic() - t0
         if time.monotonic() - t0 > timeout:
             kill_tree(proc)
             raise AssertionError(f"eupe {' '.join(map(str, argv))}: still running after {timeout:.0f}s: {tail(log)}")
         time.sleep(0.01)
     seconds = time.monotonic() - t0
-    return Finished(proc.returncode, seconds, first if first is not None else seconds, log)
+    return Finished(proc.returncode, seconds, first if first is not None else seconds, log,
+                    writes if writes is not None else seconds)
 
 
 def tail(log: Path, n: int = 3000) -> str:
@@ -642,9 +647,9 @@ class Workspace:
         self._n += 1
         return self.logs / f"{self._n:03d}-{name}.log"
 
-    def complete(self, name: str, argv: list) -> Finished:
+    def complete(self, name: str, argv: list, watch: Iterable[Path] = ()) -> Finished:
         """Run to the end; it must succeed."""
-        done = run_to_end(self.start, argv, self.log(name))
+        done = run_to_end(self.start, argv, self.log(name), watch=watch)
         if done.code != 0:
             raise AssertionError(f"eupe {' '.join(map(str, argv))} exited {done.code}: {tail(done.log)}")
         return done
@@ -672,8 +677,8 @@ class Workspace:
         if name not in self._cases:
             case = getattr(self, "_" + name.replace("-", "_"))()
             self._cases[name] = case
-            done = self.complete(f"{name}-ref", case.command("ref"))
-            case.ref_s, case.ref_first_s = done.seconds, done.first_output_s
+            done = self.complete(f"{name}-ref", case.command("ref"), watch=[case.out("ref"), *case.declared("ref")])
+            case.ref_s, case.ref_first_s, case.ref_writes_s = done.seconds, done.first_output_s, done.writes_s
             case.reset()
         return self._cases[name]
 
@@ -815,6 +820,7 @@ class Kill:
     step: str
     signal: str
     delay_s: float
+    window: str = ""  # where the point was drawn: the whole run, or its writing phase
     exit: int | None = None  # of the killed run (-9, -15, 143 preempted, or its own code when it ended first)
     partial: list[str] = field(default_factory=list)  # final names that did not parse right after the kill
     bytes_lost: int = 0
@@ -836,6 +842,7 @@ class CaseReport:
     problems: list[str] = field(default_factory=list)  # anything else (a restart that failed on its own, ...)
     bytes_lost: int = 0
     ref_s: float = 0.0
+    ref_writes_s: float = 0.0
     seconds: float = 0.0
 
     @property
@@ -880,18 +887,25 @@ def kill_and_restart(ws: Workspace, name: str, signals: list[int], rng: random.R
     restart), restart after each as an orchestrator does (training adds ``--resume``), then let the last
     restart finish and compare with the uninterrupted run.
 
-    The point is drawn uniformly in ``window`` (seconds after the start; default: from the first output of the
-    uninterrupted run to 90% of its length). A draw that comes after the run already finished is not a kill: the run is
+    The point is drawn uniformly in ``window`` (seconds after the start). By default every other draw (the seed
+    decides which) spans the whole uninterrupted run from its first output to 90% of its length, the others its
+    writing phase only: from when its ``--out`` (or a declared output) first existed, i.e. training's loop and
+    checkpoints, or the publishing of the other steps (without a console script's imports, whole runs and
+    writing phases are alike). A draw that comes after the run already finished is not a kill: the run is
     checked against the uninterrupted one, the run side is reset and the point is drawn again, earlier."""
     t_start = time.monotonic()
     case = ws.case(name)
-    report = CaseReport(step=name, launcher=ws.launcher.name, ref_s=case.ref_s)
-    lo, hi = window or (0.8 * case.ref_first_s, max(0.9 * case.ref_s, 0.8 * case.ref_first_s + 0.05))
+    report = CaseReport(step=name, launcher=ws.launcher.name, ref_s=round(case.ref_s, 2),
+                        ref_writes_s=round(case.ref_writes_s, 2))
+    whole = window or (0.8 * case.ref_first_s, max(0.9 * case.ref_s, 0.8 * case.ref_first_s + 0.05))
+    writing = window or (min(0.95 * case.ref_writes_s, whole[1]), max(0.95 * case.ref_s, whole[0] + 0.05))
+    phase = rng.random() < 0.5
     case.reset()
     snap = Snapshot.take(case.watch("run"), exclude=[case.out("run"), *case.declared("run")])
     restart = False
     for sig in signals:
-        hi_now = hi
+        phase = not phase
+        lo, hi_now = writing if phase else whole
         for _attempt in range(6):
             delay = rng.uniform(lo, hi_now)
             log = ws.log(f"{name}-{signal.Signals(sig).name}")
@@ -900,7 +914,8 @@ def kill_and_restart(ws: Workspace, name: str, signals: list[int], rng: random.R
             while proc.poll() is None and time.monotonic() - t0 < delay:
                 time.sleep(0.005)
             if proc.poll() is None and _alive(proc.pid):  # not a zombie the zygote has yet to reap
-                kill = Kill(step=name, signal=signal.Signals(sig).name, delay_s=round(time.monotonic() - t0, 3))
+                kill = Kill(step=name, signal=signal.Signals(sig).name, delay_s=round(time.monotonic() - t0, 3),
+                            window="writing" if phase else "whole run")
                 kill.exit = stop(proc, sig)
                 _after_kill(case, kill, snap, log)
                 report.kills.append(kill)
