@@ -122,12 +122,22 @@ class Planner:
         b = (y1 - y0) / (x1 - x0)
         return y0 - b * x0, b
 
+    def _guess(self, stage: int, option: Option) -> tuple[float, float] | None:
+        """With one measured step: its activations and backward temporaries taken as growing with the
+        micro-batch, the rest as fixed (only to choose the next step to measure)."""
+        pts = [m for (s, label, _), m in self._done.items() if s == stage and label == option.label]
+        if len(pts) != 1:
+            return None
+        m = pts[0]
+        per_image = (m.parts.get("activations", 0) + m.parts.get("backward temporaries", 0)) / m.micro_batch
+        return (m.peak - per_image * m.micro_batch, per_image) if per_image > 0 else None
+
     def _predicted_over(self, stage: int, option: Option, micro_batch: int) -> bool:
         line = self._line(stage, option, micro_batch)
         return line is not None and line[0] + line[1] * micro_batch > 1.05 * self.budget
 
     def _next_probe(self, stage: int, option: Option, sizes: list[int], lo: int, hi: int) -> int:
-        line = self._line(stage, option, sizes[max(lo, 0)])
+        line = self._line(stage, option, sizes[max(lo, 0)]) or self._guess(stage, option)
         if line is not None and line[1] > 0:
             target = (self.budget - line[0]) / line[1]
             j = max((i for i, mb in enumerate(sizes) if mb <= target), default=0)
@@ -135,39 +145,66 @@ class Planner:
             j = lo + 1
         return min(max(j, lo + 1), hi - 1)
 
-    def plan_stage(self, stage: int) -> StagePlan:
+    def sizes(self, stage: int) -> list[int]:
         per_rank = per_rank_batch(self.cfg, stage, self.world_size)
-        sizes = chain(per_rank)
         m0 = self.cfg.stage(stage).micro_batch_size
         if per_rank % m0:
             raise EupeError(f"stage{stage}.micro_batch_size {m0} does not split the per-GPU batch {per_rank} "
                             f"({self.cfg.stage(stage).batch_size} / {self.world_size} GPUs)")
-        if m0 not in sizes:
-            sizes = sorted({*sizes, m0})
+        return sorted({*chain(per_rank), m0})
+
+    def table(self, stage: int) -> StagePlan:
+        """Every option at the config's micro-batch."""
         plan = StagePlan(stage, self.world_size, self.budget)
-        options = {o.label: o for o in self.options()}
-        plan.table = [self.measure(stage, o, m0) for o in options.values()]
-        floor = min(self.min_micro, per_rank)
-        for label in (p for p in PREFERENCE if p in options):
-            best = self.largest_fit(stage, options[label], [s for s in sizes if s >= floor])
-            plan.largest[label] = best
-            if best:
-                plan.choice = self.measure(stage, options[label], best)
-                break
-        if plan.choice is None:  # nothing reaches min_micro_batch: the leanest option, below it
-            lean = min(plan.table, key=lambda m: m.peak).option
-            best = self.largest_fit(stage, options[lean], [s for s in sizes if s < floor])
-            plan.largest[lean] = best
-            if best:
-                plan.choice = self.measure(stage, options[lean], best)
-        plan.probes = sorted((m for (s, *_), m in self._done.items() if s == stage),
-                             key=lambda m: (m.option, m.micro_batch))
+        m0 = self.cfg.stage(stage).micro_batch_size
+        self.sizes(stage)  # the batch splits, or one line
+        plan.table = [self.measure(stage, o, m0) for o in self.options()]
         return plan
 
+    def recommend(self, plans: list[StagePlan]) -> str | None:
+        """One ``distributed`` setting for every stage (the config has one): the first option in order of
+        preference under which every stage fits at least ``min_micro_batch`` (or its whole per-GPU batch), each
+        stage at its largest fitting micro-batch; when there is none, the leanest option below that. Sets each
+        plan's ``choice``; returns the option, or None when some stage fits at no micro-batch (its ``choice`` is
+        then None)."""
+        options = {o.label: o for o in self.options()}
+        floors = {p.stage: min(self.min_micro, max(self.sizes(p.stage))) for p in plans}
+        for label in (p for p in PREFERENCE if p in options):
+            best = {}
+            for p in sorted(plans, key=lambda p: p.stage):  # stage 1, the largest, first: it rules most out
+                best[p.stage] = self.largest_fit(p.stage, options[label], [s for s in self.sizes(p.stage)
+                                                                           if s >= floors[p.stage]])
+                p.largest[label] = best[p.stage]
+                if not best[p.stage]:
+                    break
+            if all(best.get(p.stage) for p in plans):
+                return self._choose(plans, options[label], best)
+        lean = min(plans[0].table, key=lambda m: m.peak).option  # fsdp+ac (ddp+ac on one GPU)
+        best = {p.stage: self.largest_fit(p.stage, options[lean], self.sizes(p.stage)) for p in plans}
+        for p in plans:
+            p.largest[lean] = best[p.stage]
+        return self._choose(plans, options[lean], best) if all(best.values()) else None
 
-def unfit_message(plan: StagePlan, gpu_memory: int) -> str:
-    """One line: the stage that cannot run and how far the leanest step is from fitting."""
+    def _choose(self, plans: list[StagePlan], option: Option, best: dict[int, int]) -> str:
+        for p in plans:
+            p.choice = self.measure(p.stage, option, best[p.stage])
+        return option.label
+
+    def finish(self, plans: list[StagePlan]) -> None:
+        for p in plans:
+            p.probes = sorted((m for (s, *_), m in self._done.items() if s == p.stage),
+                              key=lambda m: (m.option, m.micro_batch))
+
+
+def size(n: int) -> str:
+    """Bytes as GiB, or MiB below a tenth of a GiB."""
+    return f"{n / GIB:.3g} GiB" if n >= GIB / 10 else f"{n / 2**20:.3g} MiB"
+
+
+def unfit_message(plans: list[StagePlan], gpu_memory: int) -> str:
+    """One line: the stage that cannot run and how far its leanest step is from fitting."""
+    plan = next(p for p in plans if not any(p.largest.values()))
     leanest = min(plan.probes, key=lambda m: (m.micro_batch, m.peak))
-    return (f"stage {plan.stage} does not fit {gpu_memory / GIB:g} GiB per GPU on {plan.world_size} GPU(s): even "
-            f"{leanest.option} at micro-batch {leanest.micro_batch} needs {leanest.peak / GIB:.1f} GiB "
-            f"(budget {plan.budget / GIB:.1f} GiB after headroom); use more GPUs or a larger GPU")
+    return (f"stage {plan.stage} does not fit {size(gpu_memory)} per GPU on {plan.world_size} GPU(s): even "
+            f"{leanest.option} at micro-batch {leanest.micro_batch} needs {size(leanest.peak)} (budget "
+            f"{size(plan.budget)} after headroom); use more GPUs or GPUs with more memory")

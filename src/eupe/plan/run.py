@@ -39,17 +39,15 @@ def run_plan(cfg: Config, config_name: str, gpus: int, gpu_memory: int, nodes: i
             "precision": precision_note(cfg), "batch_sizes": {str(s): cfg.stage(s).batch_size for s in stages},
             "distributed": cfg.distributed.model_dump(mode="json")}
     planner = Planner(cfg, world, budget, min_micro_batch)
-    plans: list[StagePlan] = []
     with warnings.catch_warnings(), fake_world(world):
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 on the adapters' outputs
         warnings.filterwarnings("ignore", message=".*Module is None.*")
-        for stage in stages:
-            plan = planner.plan_stage(stage)
-            plans.append(plan)
-            if plan.choice is None:
-                print(report.table(plans, meta), flush=True)
-                raise EupeError(unfit_message(plan, gpu_memory))
+        plans = [planner.table(stage) for stage in stages]
+        meta["recommended"] = planner.recommend(plans)
+        planner.finish(plans)
     print(report.table(plans, meta), flush=True)
+    if meta["recommended"] is None:
+        raise EupeError(unfit_message(plans, gpu_memory))
     if out:
         files = report.write(plans, meta, out)
         print(f"plan: {files['json']}, {files['png']}")

@@ -71,10 +71,10 @@ def stage_sizes(cfg: Config, stage: int, targets) -> dict[str, int]:
     return {"student": max(cfg.stage(stage).resolutions), **{t.name: max(t.resolutions) for t in targets}}
 
 
-def variant(cfg: Config, option: Option) -> Config:
-    """The recipe with ``distributed`` set to ``option`` (no compile: the plan runs eagerly)."""
+def variant(cfg: Config, option: Option, compile: bool = False) -> Config:
+    """The recipe with ``distributed`` set to ``option`` (the plan runs eagerly: no compile)."""
     d = cfg.distributed.model_copy(update={"strategy": option.strategy, "activation_checkpointing": option.checkpointing,
-                                           "compile": False})
+                                           "compile": compile})
     return cfg.model_copy(update={"distributed": d})
 
 
@@ -138,24 +138,28 @@ def ddp_buckets(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def run_step(cfg: Config, stage: int, option: Option, micro_batch: int, world_size: int, fake: bool = True,
-             on_ready=None) -> Measurement:
+             on_ready=None, device: torch.device | None = None, compile: bool = False) -> Measurement:
     """Build the stage's models, spread them as ``option`` says over ``world_size`` ranks (a fake process group,
     this process is rank 0), and run one steady-state training step under :class:`StepTracker` (``fake``: on
-    fake tensors). ``on_ready(step)``, when given, is called with the step function instead of running it under
-    the tracker (the real-memory check runs it under another measure)."""
+    fake CPU tensors). ``on_ready(step, models, optimizer)``, when given, is called instead of running the step
+    under the tracker (the real-memory check and the GPU benchmark run it under their own measures; with a CUDA
+    ``device`` the step runs on it under CUDA's own autocast, ``compile`` as ``distributed.compile``)."""
     from eupe.distill.parallel import no_sync, parallelize
 
     t0 = time.perf_counter()
-    cfg = variant(cfg, option)
+    cfg = variant(cfg, option, compile)
     st = cfg.stage(stage)
     fake_mode = None
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         fake_mode = FakeTensorMode()
-    device = torch.device("cpu")
-    rt = PlanRuntime(device=device, rank=0, world_size=world_size, amp_dtype=amp_dtype(cfg))
-    m = build_stage(cfg, stage, fake_mode, device)
+    device = device or torch.device("cpu")
+    emulate = device.type == "cpu" and amp_dtype(cfg) is not None  # CUDA's autocast lists on CPU tensors
+    rt = (PlanRuntime if device.type == "cpu" else Runtime)(device=device, rank=0, world_size=world_size,
+                                                            amp_dtype=amp_dtype(cfg))
+    with torch.device(device) if not fake else contextlib.nullcontext():  # built where it runs
+        m = build_stage(cfg, stage, fake_mode, device)
     accum = accumulation_steps(cfg, stage, micro_batch, world_size)
     ddp = option.strategy == "ddp" and world_size > 1
     with fake_mode if fake else contextlib.nullcontext():
@@ -181,7 +185,7 @@ def run_step(cfg: Config, stage: int, option: Option, micro_batch: int, world_si
                 tracker.phase = name
 
         def step() -> None:
-            with CudaAutocastLists():
+            with CudaAutocastLists() if emulate else contextlib.nullcontext():
                 _step()
 
         def _step() -> None:
