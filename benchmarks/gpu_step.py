@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = load_config(args.config)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"gpu_step: {name}, torch {torch.__version__}, bf16 autocast, {Path(args.config).name if not args.tiny else 'tiny'}")
+    recipe = "tiny" if args.tiny else Path(args.config).name
+    print(f"gpu_step: {name}, torch {torch.__version__}, bf16 autocast, {recipe}")
     print(HEADER)
     out = rows(cfg, args, device)
     if args.json:

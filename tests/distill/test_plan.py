@@ -133,3 +133,28 @@ def test_impossible_gpu_memory_is_one_line(tiny_config: Path, tmp_path: Path, ca
     assert rc == 2
     assert len(errors) == 1 and errors[0].startswith("eupe: error: stage 2 does not fit 1 MiB per GPU"), errors
     assert not (tmp_path / "plan").exists()
+
+
+def _gpu_step():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_step.py"
+    spec = importlib.util.spec_from_file_location("gpu_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_step_peaks_and_mfu(capsys) -> None:
+    """benchmarks/gpu_step.py: the published peak by device name (first match: PCIe before SXM, L40S before L4),
+    MFU arithmetic, and its CPU run of the same code on tiny models (FLOPs counted, plan next to measured)."""
+    g = _gpu_step()
+    table = dict(g.PEAK_BF16_TFLOPS)
+    pick = {name: next(v for k, v in g.PEAK_BF16_TFLOPS if k in name)
+            for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA A100-SXM4-80GB",
+                         "NVIDIA L40S", "NVIDIA L4")}
+    assert list(pick.values()) == [989.0, 756.0, 989.0, 312.0, 362.0, 121.0] and table["H100"] == 989.0
+    assert g.mfu(989e12 * 0.5, 1.0, 989.0) == pytest.approx(0.5) and g.mfu(1e12, 1.0, None) is None
+    assert g.main(["--device", "cpu", "--tiny", "--no-compile", "--warmup", "0", "--steps", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1] in "12"]
+    assert [r[0] for r in rows] == ["2", "1"] and all(float(r[5]) > 0 for r in rows)  # TFLOP per step

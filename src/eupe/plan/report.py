@@ -47,7 +47,8 @@ def header(meta: dict, unit_name: str = "GiB") -> str:
 def table(plans: list[StagePlan], meta: dict) -> str:
     unit, unit_name = _unit(plans)
     lines = [header(meta, unit_name),
-             f"{'stage':<6}{'option':<9}{'micro':>6}" + "".join(f"{c:>8}" for c in COLUMNS) + f"{'peak':>9}  fits peak in"]
+             f"{'stage':<6}{'option':<9}{'micro':>6}" + "".join(f"{c:>8}" for c in COLUMNS)
+             + f"{'peak':>9}  fits peak in"]
     for p in plans:
         for m in p.table:
             lines.append(_row(p.stage, m, p.budget, unit))

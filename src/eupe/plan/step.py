@@ -73,8 +73,8 @@ def stage_sizes(cfg: Config, stage: int, targets) -> dict[str, int]:
 
 def variant(cfg: Config, option: Option, compile: bool = False) -> Config:
     """The recipe with ``distributed`` set to ``option`` (the plan runs eagerly: no compile)."""
-    d = cfg.distributed.model_copy(update={"strategy": option.strategy, "activation_checkpointing": option.checkpointing,
-                                           "compile": compile})
+    d = cfg.distributed.model_copy(update={"strategy": option.strategy, "compile": compile,
+                                           "activation_checkpointing": option.checkpointing})
     return cfg.model_copy(update={"distributed": d})
 
 
@@ -191,7 +191,8 @@ def run_step(cfg: Config, stage: int, option: Option, micro_batch: int, world_si
         def _step() -> None:
             for i in range(micros):
                 label = f"micro-batch {i + 1}/{micros}" if micros > 1 else "micro-batch"
-                images = (torch.empty if fake else torch.zeros)(micro_batch, 3, load, load, dtype=torch.uint8, device=device)
+                new = torch.empty if fake else torch.zeros
+                images = new(micro_batch, 3, load, load, dtype=torch.uint8, device=device)
                 phase(f"targets, {label}")
                 with rt.autocast():
                     grids, normed = target_batch(m.targets, m.stats, images, sizes)
