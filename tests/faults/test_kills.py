@@ -32,6 +32,8 @@ def test_killed_and_restarted_step_ends_as_an_uninterrupted_run(ws: harness.Work
     assert not report.failures(), "\n".join(report.failures())
     assert report.tried >= 1, f"no kill landed while {step} ran (all {report.missed} came after its end)"
     assert report.bytes_lost == 0
+    if report.known:  # a deviation the trainer owes (it depends on where the seeded kills land): listed, not hidden
+        pytest.xfail("; ".join(report.known))
 
 
 def test_the_checks_see_a_partial_file(tmp_path: Path) -> None:

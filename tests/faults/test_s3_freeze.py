@@ -8,7 +8,6 @@ retry (``--resume``) once the server runs again finishes (issue 11, item 8)."""
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterator
 
 import pytest
@@ -23,20 +22,14 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.S3Training]
     training.close()
 
 
-def _known_mirror_gap(differences: list[str]) -> bool:
-    """The one difference a retry may leave today: a checkpoint saved locally whose S3 upload the freeze broke is
-    resumed from the local copy and never uploaded again, so its prefix lacks _SUCCESS (trainer, not storage)."""
-    return bool(differences) and all(
-        re.fullmatch(r"files only in the uninterrupted run: \['checkpoints/step_\d+/_SUCCESS'\]; "
-                     r"only in the interrupted one: \[\]", d) for d in differences)
-
-
 @pytest.mark.slow
 def test_a_server_frozen_for_seconds_delays_the_run_but_it_finishes(s3: harness.S3Training) -> None:
     report = s3.freeze("thawed", random.Random(f"{harness.SEED}:thaw"), thaw_after_s=3.0)
     print(report)
     assert report.exit == 0, report.why
     assert not report.partial and not report.differences, report.why
+    if report.known:
+        pytest.xfail("; ".join(report.known))
 
 
 @pytest.mark.slow
@@ -48,10 +41,9 @@ def test_a_server_frozen_for_good_fails_the_run_in_bounded_time_with_a_retried_e
     assert report.line.startswith("eupe: error: cannot "), report.line
     assert report.retry_exit == 0, report.why
     assert not report.partial, report.partial
-    if _known_mirror_gap(report.differences):
-        pytest.xfail("issue 11 item 6/8: a checkpoint whose S3 mirror upload was cut is resumed from the local copy "
-                     f"and not uploaded again: {report.differences}")
     assert not report.differences, report.differences
+    if report.known:  # today: the cut checkpoint upload is not redone by a resume from the local copy
+        pytest.xfail("; ".join(report.known))
 
 
 def test_a_server_that_is_gone_is_one_line_and_a_retried_exit(tmp_path_factory: pytest.TempPathFactory) -> None:
