@@ -146,18 +146,27 @@ class Planner:
         return min(max(j, lo + 1), hi - 1)
 
     def sizes(self, stage: int) -> list[int]:
+        """The micro-batches to choose from: the divisor chain, and the config's when it splits the batch too."""
         per_rank = per_rank_batch(self.cfg, stage, self.world_size)
         m0 = self.cfg.stage(stage).micro_batch_size
-        if per_rank % m0:
-            raise EupeError(f"stage{stage}.micro_batch_size {m0} does not split the per-GPU batch {per_rank} "
-                            f"({self.cfg.stage(stage).batch_size} / {self.world_size} GPUs)")
-        return sorted({*chain(per_rank), m0})
+        return sorted({*chain(per_rank), *([m0] if per_rank % m0 == 0 else [])})
+
+    def table_micro_batch(self, stage: int) -> int:
+        """The config's micro-batch, or, when it does not split the per-GPU batch on this many GPUs, the largest
+        of the chain below it (the trainer would refuse the config's: the table says what to set instead)."""
+        m0 = self.cfg.stage(stage).micro_batch_size
+        sizes = self.sizes(stage)
+        if m0 in sizes:
+            return m0
+        fallback = max((s for s in sizes if s <= m0), default=sizes[0])
+        log.warning("stage%d.micro_batch_size %d does not split the per-GPU batch %d on %d GPUs: the table is at %d",
+                    stage, m0, max(sizes), self.world_size, fallback)
+        return fallback
 
     def table(self, stage: int) -> StagePlan:
         """Every option at the config's micro-batch."""
         plan = StagePlan(stage, self.world_size, self.budget)
-        m0 = self.cfg.stage(stage).micro_batch_size
-        self.sizes(stage)  # the batch splits, or one line
+        m0 = self.table_micro_batch(stage)
         plan.table = [self.measure(stage, o, m0) for o in self.options()]
         return plan
 
