@@ -44,6 +44,17 @@ def _uri(out: str, name: str) -> str:
 CLAIM_FILE = ".eupe-step"  # {"step": ...}: the step writing into this --out, until its result.json
 
 
+def release_claim(out: str | Path) -> None:
+    """A local ``--out`` holding nothing but this run's claim (a bad input found after the claim, e.g. a shard that
+    turns out unreadable while streaming) is removed: a refused step writes nothing."""
+    if storage.is_s3(str(out)):
+        return
+    path = Path(out)
+    if path.is_dir() and [p.name for p in path.iterdir()] == [CLAIM_FILE]:
+        (path / CLAIM_FILE).unlink()
+        path.rmdir()
+
+
 class StepRun:
     """One run of ``step`` into ``out`` (local folder or ``s3://`` prefix). ``main=False`` (the other ranks
     of a torchrun job) only reads: the checks and the up-to-date check, never a write."""

@@ -511,9 +511,9 @@ class RangeResumingBody(io.RawIOBase):
                 return len(data)
             except (BotoCoreError, OSError, IncompleteRead, ProtocolError) as e:
                 failures += 1
-                if failures > RANGE_RETRIES:
-                    raise EupeError(f"cannot read {self.uri}: the download broke at byte {self.pos} "
-                                    f"{failures} times ({type(e).__name__})") from e
+                if failures > RANGE_RETRIES:  # the network, not the input: exit 1, retried
+                    raise S3Unavailable(f"cannot read {self.uri}: the download broke at byte {self.pos} "
+                                        f"{failures} times ({type(e).__name__})") from e
                 log.warning("%s: download broke at byte %d (%s); resuming from there", self.uri, self.pos,
                             type(e).__name__)
                 time.sleep(min(2.0 ** (failures - 1) * 0.2, 5.0))

@@ -10,12 +10,7 @@ import pytest
 
 import harness
 
-KNOWN = {  # bad inputs that do not behave yet: the issue item that promised it, and what happens instead
-    "a .tar whose members are named ../ and /abs": (
-        "issue 11 items 1-2: the members are skipped and nothing escapes, and it is exit 2 with one line, but the shard "
-        "is found bad only while training streams it, after train claimed its new --out (b72433a): <out>/.eupe-step "
-        "stays behind"),
-}
+KNOWN: dict[str, str] = {}  # bad inputs that do not behave yet: the issue item that promised it, and what happens
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ class CheckpointMirror:
 
         latest_uri = f"{self.remote}/{LATEST}"
         if not storage.exists(latest_uri):
+            self._upload_newer(ckpt_dir, None)
             return
         marker = storage.read_bytes(latest_uri)  # checkpoint.save's own latest.json, as push uploaded it
         data = storage.parse_json(marker, latest_uri)
@@ -53,10 +54,20 @@ class CheckpointMirror:
             raise EupeError(f"{latest_uri}: not a checkpoint marker (its path must name a step_* folder)")
         local = checkpoint.latest(ckpt_dir)
         if local is not None and local.name >= name:
+            self._upload_newer(ckpt_dir, name)
             return
         log.info("--resume: fetching %s/%s into %s", self.remote, name, ckpt_dir)
         storage.download_dir(f"{self.remote}/{name}", ckpt_dir / name)
         storage.write_bytes(str(ckpt_dir / LATEST), marker)
+
+    def _upload_newer(self, ckpt_dir: Path, remote_name: str | None) -> None:
+        """A local checkpoint newer than the bucket's (a kill cut its upload): upload it now, before training on."""
+        from eupe.distill import checkpoint
+
+        local = checkpoint.latest(ckpt_dir)
+        if local is not None and (remote_name is None or local.name > remote_name):
+            log.info("--resume: %s never reached %s: uploading it", local.name, self.remote)
+            self.push(local, keep={p.name for p in ckpt_dir.glob("step_*")})
 
     def push_shards(self, staging: Path, step: int) -> None:
         """An FSDP rank other than 0: its optimizer shards (``checkpoint.optim_staging``) into the bucket's

@@ -38,7 +38,7 @@ from eupe.distill.preempt import Preemption
 from eupe.distill.resume import Counters, first_line, load_init
 from eupe.errors import EupeError, Preempted
 from eupe.fingerprint import data_inputs, fingerprint
-from eupe.step import StepRun
+from eupe.step import StepRun, release_claim
 from eupe.models.adapter import TargetAdapter
 from eupe.models.features import extract_features, feature_dims
 from eupe.models.registry import build_model
@@ -196,6 +196,8 @@ def train(cfg: Config, stage: int, out: str | Path, norm: str, init: str | None 
     except EupeError:
         # no teardown: destroying the process group waits on ranks that may be gone already, and torchrun
         # stops the ranks still running as soon as one exits, so the one line comes first, then the exit
+        if rt.is_main:
+            release_claim(str(out))
         raise
     except BaseException:
         teardown()
