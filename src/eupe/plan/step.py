@@ -14,7 +14,6 @@ training); every size is the largest the stage draws.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -88,7 +87,6 @@ def fake_world(world_size: int):
 
     if dist.is_initialized():
         raise RuntimeError("eupe plan needs its own process group: a process group is already initialised")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         yield
