@@ -145,7 +145,7 @@ def _gpu_step():
     return module
 
 
-def test_gpu_step_peaks_and_mfu(capsys) -> None:
+def test_gpu_step_peaks_and_mfu(tmp_path) -> None:
     """benchmarks/gpu_step.py: the published peak by device name (first match: PCIe before SXM, L40S before L4),
     MFU arithmetic, and its CPU run of the same code on tiny models (FLOPs counted, plan next to measured)."""
     g = _gpu_step()
@@ -155,6 +155,7 @@ def test_gpu_step_peaks_and_mfu(capsys) -> None:
                          "NVIDIA L40S", "NVIDIA L4")}
     assert list(pick.values()) == [989.0, 756.0, 989.0, 312.0, 362.0, 121.0] and table["H100"] == 989.0
     assert g.mfu(989e12 * 0.5, 1.0, 989.0) == pytest.approx(0.5) and g.mfu(1e12, 1.0, None) is None
-    assert g.main(["--device", "cpu", "--tiny", "--no-compile", "--warmup", "0", "--steps", "1"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1] in "12"]
-    assert [r[0] for r in rows] == ["2", "1"] and all(float(r[5]) > 0 for r in rows)  # TFLOP per step
+    out = tmp_path / "rows.json"  # the rows as written, not as captured from stdout (another test may own it)
+    assert g.main(["--device", "cpu", "--tiny", "--no-compile", "--warmup", "0", "--steps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["stage"] for r in rows] == [2, 1] and all(r["tflop_per_step"] > 0 for r in rows)  # TFLOP per step
