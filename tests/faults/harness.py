@@ -49,7 +49,7 @@ for _p in (TESTS, TESTS / "distill"):  # conftest (tiny recipe, workspace, moto 
         sys.path.insert(0, str(_p))
 
 from conftest import _free_port, _wait_until_up, pipeline_workspace  # noqa: E402
-from runs import BIN, _descendants, kill_tree  # noqa: E402
+from runs import BIN, _alive, _descendants, kill_tree  # noqa: E402
 
 from eupe import storage  # noqa: E402  (light: no torch)
 
@@ -797,14 +797,6 @@ def known_deviation(difference: str, preempted: bool) -> str | None:
 
 
 # ============================================================================ killing
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def stop(proc: Any, sig: int, grace: float = GRACE_S) -> int:
