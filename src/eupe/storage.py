@@ -372,17 +372,11 @@ def exists(uri: PathLike) -> bool:
     """True for an existing local file/directory, S3 object, or non-empty S3 prefix."""
     if not is_s3(uri):
         return Path(uri).exists()
+    if is_object(uri):  # an object itself, else a prefix with something under it
+        return True
     bucket, key = split_s3(str(uri))
-    client = _client()
     try:
-        if key and not key.endswith("/"):
-            try:
-                client.head_object(Bucket=bucket, Key=key)
-                return True
-            except ClientError as e:
-                if not _is_not_found(e):
-                    raise
-        resp = client.list_objects_v2(Bucket=bucket, Prefix=_prefix(key), MaxKeys=1)
+        resp = _client().list_objects_v2(Bucket=bucket, Prefix=_prefix(key), MaxKeys=1)
         return resp.get("KeyCount", 0) > 0
     except ClientError as e:
         if _is_not_found(e):
