@@ -184,7 +184,6 @@ def train(cfg: Config, stage: int, out: str | Path, norm: str, init: str | None 
     :mod:`eupe.distill.resume`). Stages 2-3 need proxy weights and stage 3 ``init`` unless ``random_proxy`` /
     ``from_scratch`` say otherwise on purpose. SIGTERM: a checkpoint at the end of the step, then
     :class:`eupe.errors.Preempted` (exit 143)."""
-    st = cfg.stage(stage)
     stats, meta = preflight(cfg, stage, norm, init, random_proxy, from_scratch)
     source = open_data(cfg.data, cfg.seed, cfg.validation.max_pixels)  # data.sources mixed by weight, or data.root
     fp = run_fingerprint(cfg, stage, norm, init)
