@@ -263,7 +263,7 @@ class Config(_Strict):
     name: str = "eupe"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and native-bf16 CPUs (AMX/AVX512-BF16)
     data: DataConfig = DataConfig()
     teachers: list[TeacherSpec] = Field(default_factory=_paper_teachers, min_length=1)
     # Stage 1 distils every teacher into a ViT-G proxy of PEcore-G's size (1.9B).

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from eupe.config import Config
 from eupe.errors import EupeError
+from eupe.hardware import CpuBf16, cpu_bf16
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -19,7 +23,8 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    amp_dtype: torch.dtype | None = None  # bf16 autocast on GPUs that have it; None = fp32
+    amp_dtype: torch.dtype | None = None  # bf16 autocast (GPUs that have it, CPUs with native bf16); None = fp32
+    hardware: dict = field(default_factory=dict)  # what decided the precision (result.json's metrics.hardware)
 
     @property
     def is_main(self) -> bool:
@@ -74,8 +79,37 @@ def setup(cfg: Config) -> Runtime:
         rank = dist.get_rank()
         if not use_cuda:  # share the cores instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda and torch.cuda.is_bf16_supported())
-    return Runtime(device=device, rank=rank, world_size=world, amp_dtype=torch.bfloat16 if bf16 else None)
+    bf16, hardware = decide_precision(cfg.precision, device)
+    if rank == 0:
+        log.info("precision: %s", hardware["reason"])
+    return Runtime(device=device, rank=rank, world_size=world, amp_dtype=torch.bfloat16 if bf16 else None,
+                   hardware=hardware)
+
+
+def decide_precision(precision: str, device: torch.device, cpu: CpuBf16 | None = None) -> tuple[bool, dict]:
+    """Whether to run bf16 autocast, and the record of why. ``precision: auto``: bf16 on a GPU that supports it,
+    and on a CPU with native bf16 (AVX512-BF16 or AMX, :mod:`eupe.hardware`); fp32 elsewhere (emulated bf16
+    is slower than fp32). ``bf16`` / ``fp32``: as asked, wherever it runs."""
+    cpu = cpu or cpu_bf16()
+    hw: dict = {"device": str(device), "cpu": cpu.model, "native_bf16": cpu.native_bf16, "evidence": cpu.evidence,
+                "cpu_capability": cpu.capability, "config_precision": precision}
+    if device.type == "cuda":
+        try:
+            hw["gpu"] = torch.cuda.get_device_name(device)
+        except (RuntimeError, AssertionError, AttributeError):
+            hw["gpu"] = None
+        gpu_bf16 = torch.cuda.is_bf16_supported()
+        bf16 = precision == "bf16" or (precision == "auto" and gpu_bf16)
+        why = f"GPU {'supports' if gpu_bf16 else 'lacks'} bf16"
+    else:
+        bf16 = precision == "bf16" or (precision == "auto" and cpu.native_bf16)
+        why = f"CPU has native bf16: {cpu.features[0]}" if cpu.native_bf16 else \
+            f"CPU has no native bf16: {cpu.evidence}"
+    if precision != "auto":
+        why = f"precision: {precision}; {why}"
+    hw["precision"] = "bf16" if bf16 else "fp32"
+    hw["reason"] = f"{'bf16 autocast' if bf16 else 'fp32'} ({why})"
+    return bf16, hw
 
 
 def _attempt_store() -> dict:

@@ -374,7 +374,7 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
         "steps": st.iters, "steps_this_run": st.iters - start, "images": total.images,
         "images_per_s": total.images / total.train_s if total.train_s > 0 else 0.0, "train_s": total.train_s,
         "wall_s": wall, "skipped_images": total.skipped, "world_size": rt.world_size, "global_batch": st.batch_size,
-        "accumulation": accum,
+        "accumulation": accum, "hardware": rt.hardware,
     }, checkpoint_dir=last_ckpt, encoder_state={k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")},
         spec=student_spec(cfg, stage)[1], lineage={"config": cfg.name, "config_sha256": fp.get("config"),
                                                     "code": fp.get("code"), "norm": norm_digest,
