@@ -1,7 +1,7 @@
-"""Images/s of the training data path: read + decode + random-resized crop + flip (+ the stage-3 resize).
+"""Images/s of the training data path, before and after crop-while-decoding: read + decode + random-resized crop + flip.
 
 Measured through the trainer's own loaders (``loader.step_loader`` over map-style sources, ``sources.stream_loader``
-over ``.tar`` shards) on synthetic photo-sized JPEGs (``--size`` px, 384-640 by default), from
+over ``.tar`` shards) on photo-like JPEGs (quality 90, 500x375 to 1024x768, landscape and portrait), from
 
     local folder    an image folder on this disk (``ImageFolder``)
     s3 folder       the same folder on an S3 API (``S3ImageFolder``: one GET per image)
@@ -9,21 +9,28 @@ over ``.tar`` shards) on synthetic photo-sized JPEGs (``--size`` px, 384-640 by 
     s3 shards       the same shards on the S3 API (one streaming GET per shard)
     mix 90/10       ``Mixture`` of the local folder (90%) and the s3 folder (10%)
 
-at output size 256, 512 and "stage3": crops at 512 (the largest of the 256/384/512 pyramid, as the trainer
-loads them) then one antialiased resize per batch to a size drawn from the pyramid (``targets.prepare``).
-Workers 0 is the main process (one reader); with ``--workers 2`` the rate is also shown per worker. The S3
-API is a ``moto_server`` started here on a free loopback port (the same helper as the tests), so "s3" is
-HTTP on loopback: it measures the client path, not a network.
+"before" is the previous path (``fast=False``: the whole image decoded, then cropped and resized as a tensor),
+"after" the default one (``fast=True``: the crop drawn from the header's size, a JPEG decoded at 1/2, 1/4 or
+1/8 scale when the crop keeps the output's resolution there, only the crop converted to a tensor). Both run
+in the same process, interleaved (before, after, after, before, ...) for ``--rounds`` rounds; the median
+round is shown, and the ratio after / before. Sizes: 256 (default), 512, and "stage3": crops at 512 then
+one antialiased resize per batch to a size drawn from the 256/384/512 pyramid (``targets.prepare``).
+Workers 0 is the main process (one reader). The S3 API is a ``moto_server`` started here on a free loopback
+port (the same helper as the tests), so "s3" is HTTP on loopback: it measures the client path, not a network.
 
-    .venv/bin/python benchmarks/data_throughput.py [--images 96] [--batch 16] [--workers 0 2] [--json out.json]
+    .venv/bin/python benchmarks/data_throughput.py [--images 160] [--batch 16] [--workers 0 2] [--sizes 256]
+        [--rounds 3] [--json benchmarks/results/data_throughput.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import io
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +39,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -42,11 +51,13 @@ from eupe import storage  # noqa: E402
 from eupe.data.folder import ImageFolder  # noqa: E402
 from eupe.data.loader import StepBatchSampler, step_loader  # noqa: E402
 from eupe.data.sources import Mixture, S3ImageFolder, ShardStream, stream_loader, write_shards  # noqa: E402
-from eupe.data.synth import synthesize  # noqa: E402
+from eupe.data.synth import JPEG_QUALITY, render, sample_scene  # noqa: E402
 from eupe.distill.targets import prepare  # noqa: E402
 
 PYRAMID = (256, 384, 512)  # the paper's stage-3 resolutions
 SIZES = ("256", "512", "stage3")
+PHOTO_SIZES = ((500, 375), (640, 480), (800, 600), (1024, 768))  # width x height; portrait too
+PATHS = {"before": False, "after": True}  # the loaders' ``fast``
 
 
 @contextmanager
@@ -78,22 +89,38 @@ def upload(local: Path, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
-def batches(source, size: int, batch: int, workers: int, n: int) -> Iterator[torch.Tensor]:
+def photos(out: Path, n: int, seed: int = 0, classes: int = 8) -> None:
+    """``n`` photo-like JPEGs (a rendered scene plus sensor-like noise, quality 90) in class folders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = PHOTO_SIZES[int(rng.integers(len(PHOTO_SIZES)))]
+        if rng.random() < 0.25:
+            w, h = h, w
+        pixels, _, _ = render(sample_scene(rng, i % classes, num_classes=classes), h, w)
+        pixels = np.clip(pixels + rng.normal(0.0, 4.0, pixels.shape), 0, 255).astype(np.uint8)
+        folder = out / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=JPEG_QUALITY)
+        (folder / f"{i:06d}.jpg").write_bytes(buf.getvalue())
+
+
+def batches(source, size: int, batch: int, workers: int, n: int, fast: bool) -> Iterator[torch.Tensor]:
     if isinstance(source, ShardStream):
-        loader = stream_loader(source, size, batch, workers)
+        loader = stream_loader(source, size, batch, workers, fast=fast)
     else:
         steps = -(-n // batch)
-        loader = step_loader(source, size, StepBatchSampler(len(source), batch, batch, 0, steps), workers)
+        loader = step_loader(source, size, StepBatchSampler(len(source), batch, batch, 0, steps), workers, fast=fast)
     for item in loader:
         yield item[0]
 
 
-def measure(source, size: str, batch: int, workers: int, n: int) -> float:
+def measure(source, size: str, batch: int, workers: int, n: int, fast: bool) -> float:
     """Images/s from the first batch to the ``n``-th image (worker start-up left out)."""
     load = 512 if size == "stage3" else int(size)
     mean, std = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
     rng = random.Random(0)
-    it = batches(source, load, batch, workers, n)
+    it = batches(source, load, batch, workers, n, fast)
     first = next(it)
     t0, done = time.perf_counter(), 0
     for images in it:
@@ -105,12 +132,22 @@ def measure(source, size: str, batch: int, workers: int, n: int) -> float:
     return done / (time.perf_counter() - t0)
 
 
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except Exception:  # noqa: BLE001 - no lscpu: the platform's name
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=96, help="images per measurement")
+    ap.add_argument("--images", type=int, default=160, help="images per measurement")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--size", type=int, nargs=2, default=[384, 640], metavar=("MIN", "MAX"), help="source image sides")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to try")
+    ap.add_argument("--sizes", nargs="+", default=["256"], choices=SIZES, help="output sizes to measure")
+    ap.add_argument("--sources", nargs="+", default=None, help="source names to measure (default: all)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved before/after rounds (median shown)")
     ap.add_argument("--per-shard", type=int, default=16)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
@@ -118,7 +155,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="eupe-bench-") as tmp:
         work = Path(tmp)
-        synthesize(work / "photos", args.images, size=tuple(args.size), seed=0, num_classes=8)
+        photos(work / "photos", args.images)
         write_shards(ImageFolder(work / "photos"), work / "shards", args.per_shard)
         with moto_server(work):
             import boto3
@@ -138,25 +175,36 @@ def main() -> None:
             }
             rows = []
             for name, make in sources.items():
-                for size in SIZES:
+                if args.sources and name not in args.sources:
+                    continue
+                for size in args.sizes:
                     for workers in args.workers:
-                        rate = measure(make(), size, args.batch, workers, args.images)
-                        rows.append({"source": name, "size": size, "workers": workers, "images_per_s": rate,
-                                     "per_worker": rate / max(1, workers)})
-                        print(f"  {name:12s} {size:6s} workers={workers}: {rate:7.1f} img/s", file=sys.stderr, flush=True)
+                        rates: dict[str, list[float]] = {path: [] for path in PATHS}
+                        for r in range(args.rounds):  # before, after | after, before | ...: drift hits both
+                            for path in (PATHS if r % 2 == 0 else reversed(PATHS)):
+                                rates[path].append(measure(make(), size, args.batch, workers, args.images, PATHS[path]))
+                        before, after = (statistics.median(rates[p]) for p in PATHS)
+                        rows.append({"source": name, "size": size, "workers": workers, "before": before, "after": after,
+                                     "ratio": after / before, "rounds_before": rates["before"],
+                                     "rounds_after": rates["after"]})
+                        print(f"  {name:12s} {size:6s} workers={workers}: before {before:7.1f}  after {after:7.1f} img/s"
+                              f"  x{after / before:.2f}", file=sys.stderr, flush=True)
 
-    print(f"data throughput: {args.images} JPEGs of {args.size[0]}-{args.size[1]} px, batch {args.batch}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads 1")
-    header = ("source", "size", "workers", "img/s", "img/s per worker")
-    table = [header] + [(r["source"], r["size"], str(r["workers"]), f"{r['images_per_s']:.1f}", f"{r['per_worker']:.1f}")
-                        for r in rows]
+    machine = f"{cpu_model()}, {os.cpu_count()} CPUs"
+    date = datetime.date.today().isoformat()
+    print(f"data throughput {date}: {args.images} JPEGs of 500x375 to 1024x768 (q{JPEG_QUALITY}), batch {args.batch}, "
+          f"{machine}, torch threads 1, median of {args.rounds} interleaved rounds")
+    header = ("source", "size", "workers", "before img/s", "after img/s", "after/before")
+    table = [header] + [(r["source"], r["size"], str(r["workers"]), f"{r['before']:.1f}", f"{r['after']:.1f}",
+                         f"{r['ratio']:.2f}x") for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for i, r in enumerate(table):
         print("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
     if args.json:
-        storage.write_json(str(args.json), rows)
+        storage.write_json(str(args.json), {"date": date, "machine": machine, "images": args.images,
+                                             "batch": args.batch, "rounds": args.rounds, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ Raw bytes in, an RGB :class:`PIL.Image.Image` out, or :class:`UndecodableImage` 
 * unusual but valid encodings are converted, not rejected: CMYK, grayscale (``1``, ``L``, ``LA``),
   16- and 32-bit grayscale (``I;16*``, ``I``, ``F``: scaled to 8 bits, never clipped), palette
   images, and transparency (composited over white).
+
+:func:`decode_crop` is the training path: the crop is chosen from the header's size, and a JPEG
+is decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft mode) when the crop still has every pixel the
+output keeps; the same refusals apply, from the full size in the header.
 """
 
 from __future__ import annotations
@@ -15,18 +19,21 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from eupe.errors import EupeError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "MAX_IMAGE_BYTES", "Decoded", "UndecodableImage", "decode", "decode_full", "too_large"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_IMAGE_BYTES", "Decoded", "UndecodableImage", "decode", "decode_full",
+           "decode_crop", "draft_scale", "too_large"]
 
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own warning limit (~ 13400 x 13400); validation.max_pixels' default
 MAX_IMAGE_BYTES = 128 << 20  # one image file (or .tar member) is read whole: a larger one is skipped, never read
 _BACKGROUND = (255, 255, 255)  # transparent pixels become white, as in a browser
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
 
 
 class UndecodableImage(EupeError):
@@ -96,8 +103,8 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode_full(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """:func:`decode`, also returning the file's format and original mode (for the data manifest)."""
+def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+    """The lazily opened image (header only), refused when it is empty, not an image or over ``max_pixels``."""
     if not data:
         raise UndecodableImage(uri, "empty file")
     try:
@@ -118,7 +125,11 @@ def decode_full(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         raise UndecodableImage(uri, f"decompression bomb: {width}x{height}")
     if width == 0 or height == 0:
         raise UndecodableImage(uri, f"empty image: {width}x{height}")
-    fmt, mode = im.format, im.mode
+    return im
+
+
+def _load_rgb(im: Image.Image, uri: str) -> Image.Image:
+    """Decode the pixels of an opened image, apply its EXIF orientation and convert it to RGB."""
     try:
         im.load()
     except Exception as e:  # noqa: BLE001 - decoder errors are per file, never a crash of the step
@@ -128,10 +139,70 @@ def decode_full(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     except Exception:  # noqa: BLE001 - malformed EXIF: the pixels are fine, keep them as stored
         pass
     try:
-        rgb = _to_rgb(im)
+        return _to_rgb(im)
     except Exception as e:  # noqa: BLE001
         raise UndecodableImage(uri, f"cannot convert mode {im.mode} to RGB: {_reason(e)}") from None
-    return Decoded(rgb, fmt, mode)
+
+
+def decode_full(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """:func:`decode`, also returning the file's format and original mode (for the data manifest)."""
+    im = _open(data, uri, max_pixels)
+    fmt, mode = im.format, im.mode
+    return Decoded(_load_rgb(im, uri), fmt, mode)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(_ORIENTATION, 1) or 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF: exif_transpose keeps the pixels as stored too
+        return 1
+
+
+def draft_scale(width: int, height: int, crop: tuple[int, int], size: int, exact: bool = False) -> int:
+    """The JPEG DCT scale (1, 2, 4 or 8) at which a ``crop`` (height, width) of a ``width`` x ``height``
+    image still has at least ``size`` pixels on each side: decoding at 1/scale then loses nothing that
+    the resize to ``size`` keeps. ``exact``: also require both sides to divide by the scale (a flipped or
+    rotated image, whose reduced pixel grid must line up with the original's from either edge)."""
+    for scale in (8, 4, 2):
+        if min(crop) >= scale * size and (not exact or (width % scale == 0 and height % scale == 0)):
+            return scale
+    return 1
+
+
+def decode_crop(data: bytes, uri: str, size: int, crop: Callable[[int, int], tuple[int, int, int, int]],
+                max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True) -> tuple[Image.Image, int]:
+    """A crop of ``data`` as an RGB image, the file decoded no larger than a ``size``-pixel output needs.
+
+    ``crop(height, width)`` gets the size of the upright image (EXIF orientation applied) from the header
+    and returns the box ``(top, left, height, width)`` to cut. With ``draft``, a JPEG whose box has at least
+    ``2 * size`` pixels on its shorter side is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling
+    (Pillow's draft mode), and the box is mapped onto the reduced image (rounded to its pixels: a shift
+    under half a reduced pixel). Returns ``(the cut, scale)``; the same refusals as :func:`decode`.
+    """
+    im = _open(data, uri, max_pixels)
+    width, height = im.size
+    stored_width = width
+    orientation = _orientation(im)
+    if orientation in (5, 6, 7, 8):  # exif_transpose swaps the sides
+        width, height = height, width
+    top, left, h, w = crop(height, width)
+    scale = draft_scale(width, height, (h, w), size, exact=orientation != 1) if draft and im.format == "JPEG" else 1
+    if scale > 1:
+        try:  # libjpeg decodes pixel x of the reduced image from pixels [x * scale, (x + 1) * scale)
+            drafted = im.draft("RGB", (im.size[0] // scale, im.size[1] // scale))
+        except Exception:  # noqa: BLE001 - a JPEG that refuses the reduced decode is decoded whole
+            drafted = None
+        scale = round(stored_width / drafted[1][2]) if drafted else 1  # the scale libjpeg was given, or 1
+    rgb = _load_rgb(im, uri)
+    if scale > 1:
+        right, bottom = min(round((left + w) / scale), rgb.width), min(round((top + h) / scale), rgb.height)
+        left, top = round(left / scale), round(top / scale)
+    else:
+        right, bottom = left + w, top + h
+    try:
+        return rgb.crop((left, top, right, bottom)), scale
+    except Exception as e:  # noqa: BLE001
+        raise UndecodableImage(uri, _reason(e)) from None
 
 
 def decode(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -3,19 +3,30 @@
 Sample ``p`` of the run (``p = step * global_batch + offset``) is image ``perm_e[p % n]`` of epoch
 ``e = p // n`` with augmentation seeded by ``(seed, p)``. The data seen at any step is a pure function
 of ``(seed, step)``: a resumed run and a run on any number of ranks see the same images.
+
+Training crops are cut while decoding (:func:`augment_bytes`): the random-resized-crop box is drawn
+from the size in the file's header, and a JPEG is decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft
+mode) when the box keeps at least the output's resolution there; box, scale/ratio ranges and flip are
+drawn exactly as ``torchvision``'s ``RandomResizedCrop`` + flip on the whole image (same seed, same
+box), and the box is resized bilinear with antialiasing as before. ``fast=False`` keeps the previous
+path (whole image decoded, crop on a tensor) for ``benchmarks/data_throughput.py``'s "before".
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from eupe.data.folder import ImageSource
-from eupe.data.sources import read_sample
+from eupe.data.decode import decode_crop
+from eupe.data.folder import ImageFolder, ImageSource
+from eupe.data.sources import Mixture, S3ImageFolder, read_sample
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -54,25 +65,99 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         return (self.total - self.start) * (self.per_rank // self.micro)
 
 
+def crop_params(seed: int, height: int, width: int, scale: Sequence[float] = (0.35, 1.0),
+                hflip: bool = True) -> tuple[int, int, int, int, bool]:
+    """``(top, left, h, w, flip)`` of sample ``seed`` on a ``height`` x ``width`` image: ``torchvision``'s
+    ``RandomResizedCrop.get_params`` (ratio 3/4..4/3) then a fair coin for the flip, from the seed alone."""
+    shape = torch.empty((1, 1, 1), dtype=torch.uint8).expand(3, height, width)  # the size, no pixels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        top, left, h, w = T.RandomResizedCrop.get_params(shape, list(scale), [3 / 4, 4 / 3])
+        flip = hflip and bool(torch.rand(()) < 0.5)
+    return top, left, h, w, flip
+
+
+def _chw(image: Image.Image) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` view (channels-last in memory) of an RGB image: one copy out of Pillow.
+    Read-only memory (Pillow's bytes): only for tensors that are read, never written, as a resize's input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable tensor": it is only read
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+
+
+def _resized(crop: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
+    """The crop resized to ``size`` x ``size`` and flipped as the previous path did (``TF.resized_crop``)."""
+    out = TF.resize(crop, [size, size], antialias=True)
+    return TF.horizontal_flip(out) if flip else out
+
+
+def augment_bytes(data: bytes, uri: str, max_pixels: int, seed: int, size: int,
+                  scale: Sequence[float] = (0.35, 1.0), hflip: bool = True, draft: bool = True) -> torch.Tensor:
+    """The training crop of an undecoded file: uint8 ``[3, size, size]``, decoded no larger than the crop
+    needs (:func:`eupe.data.decode.decode_crop`); :class:`UndecodableImage` as :func:`decode`."""
+    flip = False
+
+    def crop(height: int, width: int) -> tuple[int, int, int, int]:
+        nonlocal flip
+        top, left, h, w, flip = crop_params(seed, height, width, scale, hflip)
+        return top, left, h, w
+
+    cut, _ = decode_crop(data, uri, size, crop, max_pixels, draft)
+    return _resized(_chw(cut), size, flip)
+
+
+def augment_image(image: Image.Image, seed: int, size: int, scale: Sequence[float] = (0.35, 1.0),
+                  hflip: bool = True) -> torch.Tensor:
+    """The training crop of a decoded RGB image (only the box leaves Pillow), as :func:`augment_bytes`."""
+    top, left, h, w, flip = crop_params(seed, image.height, image.width, scale, hflip)
+    return _resized(_chw(image.crop((left, top, left + w, top + h))), size, flip)
+
+
+def _file_source(source: ImageSource, index: int) -> tuple[ImageFolder | S3ImageFolder, int] | None:
+    """The folder holding image ``index`` (through mixtures) when its ``open`` is ``decode(read_bytes)``."""
+    while isinstance(source, Mixture):
+        k, index = source.locate(index)
+        source = source.sources[k]
+    if type(source).open in (ImageFolder.open, S3ImageFolder.open):
+        return source, index
+    return None
+
+
 class DistillImages(Dataset):
-    """uint8 ``[3, S, S]`` crops: random-resized crop + flip for training, resize + centre crop otherwise."""
+    """uint8 ``[3, S, S]`` crops: random-resized crop + flip for training, resize + centre crop otherwise.
+
+    ``fast`` (training): the crop is cut while decoding (:func:`augment_bytes`); False: the whole image is
+    decoded and cropped as a tensor (the previous path, same distribution, kept for the benchmark)."""
 
     def __init__(self, source: ImageSource, size: int, crop_scale: tuple[float, float] = (0.35, 1.0),
-                 hflip: bool = True, train: bool = True):
+                 hflip: bool = True, train: bool = True, fast: bool = True):
         self.source, self.size, self.scale, self.hflip, self.train = source, size, crop_scale, hflip, train
+        self.fast = fast
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _crop_file(self, index: int, seed: int) -> torch.Tensor | None:
+        found = _file_source(self.source, index)
+        if found is None:
+            return None
+        folder, i = found
+        return augment_bytes(folder.read_bytes(i), folder.uri(i), folder.max_pixels, seed, self.size, self.scale,
+                             self.hflip)
+
     def __getitem__(self, item: tuple[int, int] | int) -> tuple[torch.Tensor, int, int]:
         index, seed = item if isinstance(item, tuple) else (item, 0)
+        if self.train and self.fast:
+            def open_(i: int) -> torch.Tensor:
+                out = self._crop_file(i, seed)
+                return out if out is not None else augment_image(self.source.open(i), seed, self.size, self.scale,
+                                                                  self.hflip)
+
+            return read_sample(self.source, index, open_image=open_)  # undecodable: the next image, counted
         image, label, skipped = read_sample(self.source, index)  # undecodable: the next image, counted
         img = TF.pil_to_tensor(image)
         if self.train:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), [3 / 4, 4 / 3])
-                flip = self.hflip and bool(torch.rand(()) < 0.5)
+            top, left, h, w, flip = crop_params(seed, img.shape[-2], img.shape[-1], self.scale, self.hflip)
             img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
             if flip:
                 img = TF.horizontal_flip(img)
@@ -82,8 +167,9 @@ class DistillImages(Dataset):
 
 
 def step_loader(source: ImageSource, size: int, sampler: StepBatchSampler, num_workers: int,
-                crop_scale: tuple[float, float] = (0.35, 1.0), hflip: bool = True, pin_memory: bool = False) -> DataLoader:
-    dataset = DistillImages(source, size, crop_scale, hflip, train=True)
+                crop_scale: tuple[float, float] = (0.35, 1.0), hflip: bool = True, pin_memory: bool = False,
+                fast: bool = True) -> DataLoader:
+    dataset = DistillImages(source, size, crop_scale, hflip, train=True, fast=fast)
     # Its own generator: starting the workers must not draw from the global RNG, which a resumed run
     # restores from the checkpoint (dropout, drop-path) and which must match an uninterrupted run's.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,

@@ -185,18 +185,21 @@ class Mixture:
         return self.sources[k].open(i)
 
 
-def read_sample(source: ImageSource, index: int, limit: int = MAX_CONSECUTIVE_UNDECODABLE) -> tuple[Image.Image, int, int]:
+def read_sample(source: ImageSource, index: int, limit: int = MAX_CONSECUTIVE_UNDECODABLE,
+                open_image: Callable[[int], Any] | None = None) -> tuple[Any, int, int]:
     """Image ``index`` of ``source`` or, when it does not decode, the next one (cyclically) that does.
 
     Returns ``(image, label, skipped)``: the substitute depends on ``index`` only, so the data at a
     step stays a pure function of ``(seed, step)``; ``skipped`` counts the files passed over (each
-    logged with its reason). More than ``limit`` in a row is an :class:`EupeError`.
+    logged with its reason). More than ``limit`` in a row is an :class:`EupeError`. ``open_image(i)`` reads
+    image ``i`` instead of ``source.open`` (the trainer's crop-while-decoding), raising the same errors.
     """
     n = len(source)
+    read = open_image or source.open
     for skipped in range(min(limit, n - 1) + 1):
         i = (index + skipped) % n
         try:
-            return source.open(i), source.label(i), skipped
+            return read(i), source.label(i), skipped
         except UndecodableImage as e:
             log.warning("skipping undecodable image %s", e)
     raise EupeError(f"{source.uri(index)} and the next {min(limit, n - 1)} images do not decode: is the dataset broken?")
@@ -432,18 +435,22 @@ class ImageStream(IterableDataset):
         for n, rec in enumerate(self.records(reader, readers)):
             if n < done:
                 continue
+            seed = sample_seed(self.seed, n * readers + reader)
             try:
                 if rec.skipped:
                     raise UndecodableImage(rec.uri, rec.skipped)
-                image = decode(rec.data, rec.uri, self.max_pixels)
+                if isinstance(self.transform, Augment):  # crops while decoding: the file decoded no larger than needed
+                    sample = self.transform.decode(rec.data, rec.uri, self.max_pixels, seed)
+                else:
+                    image = decode(rec.data, rec.uri, self.max_pixels)
+                    sample = self.transform(image, seed) if self.transform else image
             except UndecodableImage as e:
                 skipped += 1
                 log.warning("skipping undecodable image %s", e)
                 if skipped > MAX_CONSECUTIVE_UNDECODABLE:
                     raise EupeError(f"{rec.uri} and the {skipped - 1} samples before it do not decode: is the dataset broken?") from None
                 continue
-            seed = sample_seed(self.seed, n * readers + reader)
-            yield (self.transform(image, seed) if self.transform else image), rec.label, skipped
+            yield sample, rec.label, skipped
             skipped = 0
 
 
@@ -688,22 +695,33 @@ class _OneImage:
 @dataclass(frozen=True)
 class Augment:
     """uint8 ``[3, size, size]`` tensor of a decoded image: the trainer's random-resized crop + flip
-    (``train``) or resize + centre crop, seeded per sample."""
+    (``train``) or resize + centre crop, seeded per sample. ``fast``: see ``loader.DistillImages``."""
 
     size: int
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: bool = True
     train: bool = True
+    fast: bool = True
 
     def __call__(self, image: Image.Image, seed: int) -> Any:
         from eupe.data.loader import DistillImages
 
-        return DistillImages(_OneImage(image), self.size, self.crop_scale, self.hflip, self.train)[(0, seed)][0]
+        return DistillImages(_OneImage(image), self.size, self.crop_scale, self.hflip, self.train,
+                             self.fast)[(0, seed)][0]
+
+    def decode(self, data: bytes, uri: str, max_pixels: int, seed: int) -> Any:
+        """The sample of an undecodable-or-not file: :class:`UndecodableImage` when it does not decode."""
+        if self.train and self.fast:
+            from eupe.data.loader import augment_bytes
+
+            return augment_bytes(data, uri, max_pixels, seed, self.size, self.crop_scale, self.hflip)
+        return self(decode(data, uri, max_pixels), seed)
 
 
 def stream_loader(stream: ImageStream, size: int, batch_size: int, num_workers: int,
                   crop_scale: tuple[float, float] = (0.35, 1.0), hflip: bool = True, start_batch: int = 0,
-                  rank: int = 0, world_size: int = 1, pin_memory: bool = False, train: bool = True) -> DataLoader:
+                  rank: int = 0, world_size: int = 1, pin_memory: bool = False, train: bool = True,
+                  fast: bool = True) -> DataLoader:
     """Batches ``(uint8 images [B, 3, size, size], labels [B], skipped [B])`` from a stream, for this rank.
 
     ``start_batch`` is the number of batches this rank already consumed (resume). The sample order is a
@@ -713,7 +731,7 @@ def stream_loader(stream: ImageStream, size: int, batch_size: int, num_workers: 
         stream.check_readers(world_size * max(1, num_workers))
     configured = copy.copy(stream)
     configured.rank, configured.world_size = rank, world_size
-    configured.transform = Augment(size, tuple(crop_scale), hflip, train)
+    configured.transform = Augment(size, tuple(crop_scale), hflip, train, fast)
     configured.start_batch, configured.batch_size = start_batch, batch_size
     # Its own generator, as step_loader's: iterating a DataLoader draws its base seed from the global RNG
     # otherwise, which a resumed run restores from the checkpoint (drop path, dropout) and which must then
