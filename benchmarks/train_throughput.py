@@ -13,11 +13,18 @@ The step is the trainer's loop body for one micro-batch, from the trainer's own 
 Models are randomly initialised (no downloads); FLOPs and time do not depend on the weights.
 
 Printed, all from one run: images/s of the full step (median of ``--steps`` after ``--warmup``), FLOPs of
-one step counted with ``torch.utils.flop_counter.FlopCounterMode``, achieved FLOP/s, the machine's fp32
-``torch.mm`` rate at the same thread count, and the step's achieved FLOP/s as a fraction of that rate,
-with the same numbers for the teacher forward and the student forward+backward alone.
+one step counted with ``torch.utils.flop_counter.FlopCounterMode``, achieved FLOP/s, the machine's
+``torch.mm`` rate in the step's dtype at the same thread count, and the step's achieved FLOP/s as a fraction
+of that rate, with the same numbers for the teacher forward and the student forward+backward alone.
 
-    .venv/bin/python benchmarks/train_throughput.py [--batch 8] [--steps 5] [--json out.json]
+``--precision fp32 bf16`` (the default) times the step in fp32 and under bf16 autocast (the trainer's
+``precision: bf16``: teacher forward, student forward+backward and the loss's inputs under
+``torch.autocast("cpu", torch.bfloat16)``, fp32 master weights and AdamW), the two steps interleaved
+(fp32, bf16, fp32, bf16, ...) so that both see the same machine, and prints them side by side with the
+speed-up and the two losses. Whether this CPU has native bf16 (AMX / AVX512-BF16, ``eupe.hardware``) is
+printed with them: without it bf16 is emulated and slower than fp32.
+
+    .venv/bin/python benchmarks/train_throughput.py [--batch 8] [--steps 5] [--precision fp32 bf16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,10 +48,12 @@ from eupe.config import Config, ModelSpec
 from eupe.distill.normalize import FeatureStats
 from eupe.distill.targets import build_targets, model_inputs, prepare
 from eupe.distill.trainer import build_distill_model, build_optimizer, draw_resolutions, student_loss, target_batch
+from eupe.hardware import cpu_bf16
 from eupe.models.features import feature_dims
 
 STAGE = 2
 PHASES = ("teacher", "student", "optim")  # teacher fwd | student fwd+bwd (adapter, loss) | clip+AdamW+sched
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # --- FLOP formulas the counter lacks on CPU ------------------------------------------------------
@@ -82,10 +91,12 @@ def _cpu_attention_flops() -> dict:
 class Stage2Step:
     """The trainer's per-step work for one micro-batch (accumulation 1), phase by phase."""
 
-    def __init__(self, batch: int, size: int, hidden: int, teacher: str, student: str, seed: int = 0):
+    def __init__(self, batch: int, size: int, hidden: int, teacher: str, student: str, seed: int = 0,
+                 precision: str = "fp32"):
         torch.manual_seed(seed)
+        self.precision = precision
         self.cfg = Config(
-            seed=seed, device="cpu", precision="fp32",
+            seed=seed, device="cpu", precision=precision,
             proxy=ModelSpec(model=teacher, img_size=size),
             student=ModelSpec(model=student, img_size=size),
         )
@@ -120,13 +131,14 @@ class Stage2Step:
         times = {}
         t0 = time.perf_counter()
         sizes = draw_resolutions(cfg, STAGE, self.step_no, targets)
-        with ctx("teacher"):
+        with ctx("teacher"), self.autocast():  # as the trainer's micro step: targets under autocast too
             grids, normed = target_batch(targets, stats, images, sizes)
         t1 = time.perf_counter()
         times["teacher"] = t1 - t0
         with ctx("student"):
             x = prepare(images, sizes["student"], self.s_mean, self.s_std)
-            loss, parts = student_loss(self.model, x, grids, normed, targets, cfg.loss)  # accumulation 1
+            with self.autocast():
+                loss, parts = student_loss(self.model, x, grids, normed, targets, cfg.loss)  # accumulation 1
             loss.backward()
             self.last_loss = loss.item()  # the trainer syncs on these too
             for v in parts.values():
@@ -144,6 +156,12 @@ class Stage2Step:
         self.step_no += 1
         return times
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The trainer's ``Runtime.autocast`` on the CPU: bf16 autocast for ``precision: bf16``."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=DTYPES[self.precision])
+
 
 def count_flops(step: Stage2Step) -> dict[str, int]:
     """FLOPs of one step, per phase, each phase under its own FlopCounterMode."""
@@ -155,15 +173,15 @@ def count_flops(step: Stage2Step) -> dict[str, int]:
 
 
 class MatmulProbe:
-    """fp32 ``torch.mm`` of n x n matrices at the current thread count. ``sample()`` times ``reps`` products
-    and keeps their median; the benchmark samples before every timed step and after the last one, so the
-    reference rate is measured under the same conditions as the steps it is compared with."""
+    """``torch.mm`` of n x n matrices (fp32, or ``dtype``) at the current thread count. ``sample()`` times
+    ``reps`` products and keeps their median; the benchmark samples before every timed step and after the last
+    one, so the reference rate is measured under the same conditions as the steps it is compared with."""
 
-    def __init__(self, n: int = 2048, reps: int = 3):
+    def __init__(self, n: int = 2048, reps: int = 3, dtype: torch.dtype = torch.float32):
         g = torch.Generator().manual_seed(0)
         self.n, self.reps = n, reps
-        self.a, self.b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-        self.c = torch.empty(n, n)
+        self.a, self.b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+        self.c = torch.empty(n, n, dtype=dtype)
         self.samples: list[float] = []
 
     def sample(self) -> float:
@@ -227,91 +245,138 @@ def wait_idle(limit_s: float, threshold: float = 0.2, window_s: float = 3.0) -> 
             return False, time.perf_counter() - t0
 
 
+def _rows(flops: dict[str, int], runs: list[dict[str, float]], batch: int, mm_rate: float) -> dict[str, dict]:
+    med = {k: statistics.median(r[k] for r in runs) for k in (*PHASES, "step")}
+    rows = {}
+    for key, label in (("step", "full step"), ("teacher", "teacher fwd (inference)"),
+                       ("student", "student fwd+bwd (+adapter, loss)"), ("optim", "clip + AdamW + sched")):
+        rate = flops[key] / med[key] if med[key] > 0 else 0.0
+        rows[key] = {
+            "label": label, "seconds": med[key], "images_per_s": batch / med[key], "flops": flops[key],
+            "flop_per_s": rate, "fraction_of_matmul": rate / mm_rate, "share_of_step_time": med[key] / med["step"],
+        }
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8, help="images per step (one micro-batch)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per precision (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first, per precision")
     ap.add_argument("--size", type=int, default=256, help="teacher and student input size")
     ap.add_argument("--hidden", type=int, default=Config().stage2.adapter_hidden, help="adapter MLP width")
     ap.add_argument("--teacher", default="vit_base_patch16_224", help="proxy geometry (timm name)")
     ap.add_argument("--student", default="vit_small_patch16_224", help="student (timm name)")
+    ap.add_argument("--precision", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"],
+                    help="time the step in each (interleaved, side by side; default: fp32 bf16)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--matmul-n", type=int, default=2048, help="size of the reference fp32 matmul")
+    ap.add_argument("--matmul-n", type=int, default=2048, help="size of the reference matmul")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="first wait up to S seconds for other processes to leave the CPUs idle")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         ap.error("--batch and --steps must be >= 1, --warmup >= 0")
+    precisions = list(dict.fromkeys(args.precision))
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    cpu = cpu_bf16()
     t_all = time.perf_counter()
 
     t_build = time.perf_counter()
-    step = Stage2Step(args.batch, args.size, args.hidden, args.teacher, args.student)
+    steps = {p: Stage2Step(args.batch, args.size, args.hidden, args.teacher, args.student, precision=p)
+             for p in precisions}  # same seed: the same weights and images in every precision
     t_build = time.perf_counter() - t_build
 
     idle = None
     if args.wait_idle > 0:
         idle = wait_idle(args.wait_idle, spare_cpus(threads))
-    probe = MatmulProbe(args.matmul_n)
-    probe.sample()  # warms the BLAS up; not kept
-    probe.samples.clear()
+    probes = {p: MatmulProbe(args.matmul_n, dtype=DTYPES[p]) for p in precisions}
+    for probe in probes.values():
+        probe.sample()  # warms the BLAS up; not kept
+        probe.samples.clear()
     for _ in range(args.warmup):
-        step()
+        for p in precisions:
+            steps[p]()
     load = OtherLoad()
-    runs = []
-    for _ in range(args.steps):
+    runs: dict[str, list[dict[str, float]]] = {p: [] for p in precisions}
+    for _ in range(args.steps):  # interleaved: fp32, bf16, fp32, bf16, ... on the same machine state
+        for p in precisions:
+            probes[p].sample()
+            runs[p].append(steps[p]())
+    for probe in probes.values():
         probe.sample()
-        runs.append(step())
-    probe.sample()
     other_cores = load.cores()
     t_flops = time.perf_counter()
-    flops = count_flops(step)
+    flops = count_flops(steps[precisions[0]])  # the same operations in every precision
     t_flops = time.perf_counter() - t_flops
 
-    mm_rate = statistics.median(probe.samples)
-    med = {k: statistics.median(r[k] for r in runs) for k in (*PHASES, "step")}
-    best = min(r["step"] for r in runs)
-    rows = {}
-    for key, label in (("step", "full step"), ("teacher", "teacher fwd (inference)"),
-                       ("student", "student fwd+bwd (+adapter, loss)"), ("optim", "clip + AdamW + sched")):
-        rate = flops[key] / med[key] if med[key] > 0 else 0.0
-        rows[key] = {
-            "label": label, "seconds": med[key], "images_per_s": args.batch / med[key], "flops": flops[key],
-            "flop_per_s": rate, "fraction_of_matmul": rate / mm_rate, "share_of_step_time": med[key] / med["step"],
-        }
-    if not math.isfinite(step.last_loss):
-        raise SystemExit(f"the step's loss is not finite ({step.last_loss}): the benchmark measured a broken step")
-    frac = rows["step"]["fraction_of_matmul"]
-    best_frac = flops["step"] / best / max(probe.samples)
+    per: dict[str, dict] = {}
+    for p in precisions:
+        if not math.isfinite(steps[p].last_loss):
+            raise SystemExit(f"the {p} step's loss is not finite ({steps[p].last_loss}): the benchmark measured a "
+                             "broken step")
+        mm_rate = statistics.median(probes[p].samples)
+        rows = _rows(flops, runs[p], args.batch, mm_rate)
+        best = min(r["step"] for r in runs[p])
+        per[p] = {"rows": rows, "matmul": {"n": args.matmul_n, "dtype": p, "flop_per_s": mm_rate,
+                                            "samples": probes[p].samples},
+                  "best_step_s": best, "best_step_fraction_of_best_matmul": flops["step"] / best / max(probes[p].samples),
+                  "step_seconds_all": [r["step"] for r in runs[p]], "phase_seconds_all": runs[p],
+                  "last_loss": steps[p].last_loss}
     wall = time.perf_counter() - t_all
 
-    print(f"EUPE stage-2 step: {args.teacher} (frozen, {step.teacher_params / 1e6:.1f}M) -> {args.student} "
-          f"+ TargetAdapter(hidden={args.hidden}) ({step.student_params / 1e6:.1f}M trainable), "
-          f"{args.size}px, batch {args.batch}, fp32, {platform.machine()}, {os.cpu_count()} CPUs")
-    print(f"torch {torch.__version__}, threads {threads}, warm-up {args.warmup}, median of {args.steps} steps")
-    print(f"fp32 torch.mm {args.matmul_n}x{args.matmul_n}: {mm_rate / 1e9:.1f} GFLOP/s "
-          f"(median of {len(probe.samples)} samples taken between the steps, "
-          f"{min(probe.samples) / 1e9:.1f}-{max(probe.samples) / 1e9:.1f})")
-    print()
-    hdr = f"{'part':34s} {'ms':>9s} {'%time':>6s} {'img/s':>7s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'of mm':>6s}"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows.values():
-        print(f"{r['label']:34s} {r['seconds'] * 1e3:9.1f} {r['share_of_step_time'] * 100:5.1f}% "
-              f"{r['images_per_s']:7.2f} {r['flops'] / 1e9:8.1f} {r['flop_per_s'] / 1e9:8.1f} "
-              f"{r['fraction_of_matmul'] * 100:5.1f}%")
-    print()
-    print(f"full step: {rows['step']['images_per_s']:.2f} img/s, {rows['step']['flop_per_s'] / 1e9:.1f} GFLOP/s "
-          f"= {frac * 100:.1f}% of the fp32 matmul rate (goal >= 40%); "
-          f"best step {args.batch / best:.2f} img/s = {best_frac * 100:.1f}% of the best matmul sample")
-    step_list = " ".join(f"{r['step']:.2f}" for r in runs)
-    print(f"steps (s): {step_list}; build {t_build:.1f}s, "
-          f"FLOP count {t_flops:.1f}s, total {wall:.0f}s; "
-          f"loss {step.last_loss:.4f}")
+    first = steps[precisions[0]]
+    print(f"EUPE stage-2 step: {args.teacher} (frozen, {first.teacher_params / 1e6:.1f}M) -> {args.student} "
+          f"+ TargetAdapter(hidden={args.hidden}) ({first.student_params / 1e6:.1f}M trainable), "
+          f"{args.size}px, batch {args.batch}, {' and '.join(precisions)}, {platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"CPU {cpu.model}: native bf16 {'yes' if cpu.native_bf16 else 'no'} ({cpu.evidence}; "
+          f"torch capability {cpu.capability}); precision: auto would take {'bf16' if cpu.native_bf16 else 'fp32'}")
+    print(f"torch {torch.__version__}, threads {threads}, warm-up {args.warmup}, median of {args.steps} steps"
+          f"{' each, the precisions interleaved' if len(precisions) > 1 else ''}")
+    for p in precisions:
+        m = per[p]["matmul"]
+        print(f"{p} torch.mm {args.matmul_n}x{args.matmul_n}: {m['flop_per_s'] / 1e9:.1f} GFLOP/s "
+              f"(median of {len(m['samples'])} samples taken between the steps, "
+              f"{min(m['samples']) / 1e9:.1f}-{max(m['samples']) / 1e9:.1f})")
+    for p in precisions:
+        rows = per[p]["rows"]
+        print()
+        hdr = f"{p + ' part':34s} {'ms':>9s} {'%time':>6s} {'img/s':>7s} {'GFLOP':>8s} {'GFLOP/s':>8s} {'of mm':>6s}"
+        print(hdr)
+        print("-" * len(hdr))
+        for r in rows.values():
+            print(f"{r['label']:34s} {r['seconds'] * 1e3:9.1f} {r['share_of_step_time'] * 100:5.1f}% "
+                  f"{r['images_per_s']:7.2f} {r['flops'] / 1e9:8.1f} {r['flop_per_s'] / 1e9:8.1f} "
+                  f"{r['fraction_of_matmul'] * 100:5.1f}%")
+        print(f"full step: {rows['step']['images_per_s']:.2f} img/s, {rows['step']['flop_per_s'] / 1e9:.1f} GFLOP/s "
+              f"= {rows['step']['fraction_of_matmul'] * 100:.1f}% of the {p} matmul rate; best step "
+              f"{args.batch / per[p]['best_step_s']:.2f} img/s = "
+              f"{per[p]['best_step_fraction_of_best_matmul'] * 100:.1f}% of the best matmul sample; "
+              f"steps (s): {' '.join(f'{t:.2f}' for t in per[p]['step_seconds_all'])}; loss {per[p]['last_loss']:.4f}")
+    speedup = None
+    if len(precisions) > 1:
+        base = precisions[0]
+        print()
+        cols = "".join(f" {p + ' ms':>10s}" for p in precisions)
+        ratios = "".join(f" {p + '/' + base:>10s}" for p in precisions[1:])
+        hdr = f"{'side by side':34s}{cols}{ratios}"
+        print(hdr)
+        print("-" * len(hdr))
+        for key, r in per[base]["rows"].items():
+            ms = "".join(f" {per[p]['rows'][key]['seconds'] * 1e3:10.1f}" for p in precisions)
+            xs = "".join(f" {r['seconds'] / per[p]['rows'][key]['seconds']:9.2f}x" for p in precisions[1:])
+            print(f"{r['label']:34s}{ms}{xs}")
+        imgs = "".join(f" {per[p]['rows']['step']['images_per_s']:10.2f}" for p in precisions)
+        print(f"{'img/s (full step)':34s}{imgs}")
+        losses = "".join(f" {per[p]['last_loss']:10.4f}" for p in precisions)
+        print(f"{'loss at the last step':34s}{losses}")
+        speedup = {p: per[base]["rows"]["step"]["seconds"] / per[p]["rows"]["step"]["seconds"] for p in precisions[1:]}
+        print(" ".join(f"{p}: {x:.2f}x the {base} step rate, loss {per[p]['last_loss']:.4f} vs "
+                       f"{per[base]['last_loss']:.4f} ({(per[p]['last_loss'] / per[base]['last_loss'] - 1) * 100:+.2f}%)"
+                       for p, x in speedup.items()))
+    print(f"build {t_build:.1f}s, FLOP count {t_flops:.1f}s, total {wall:.0f}s")
     if idle is not None:
         print(f"waited {idle[1]:.0f}s for idle CPUs: {'ok' if idle[0] else 'gave up, machine still busy'}")
     if other_cores is not None:
@@ -319,20 +384,24 @@ def main(argv: list[str] | None = None) -> dict:
         if other_cores > spare_cpus(threads):
             print(f"WARNING: other processes took CPUs from this run's {threads} threads while timing; times and "
                   "fractions are not this step's own (rerun on an idle machine, with --wait-idle 300, "
-                  "or with fewer --threads)")
+                  "or with fewer --threads); the side-by-side ratio, interleaved, is the sturdier figure")
 
+    head = per[precisions[0]]  # the top-level numbers: the first precision (fp32 by default), as before
     out = {
         "benchmark": "train_throughput", "stage": STAGE, "teacher": args.teacher, "student": args.student,
-        "size": args.size, "batch": args.batch, "adapter_hidden": args.hidden, "dtype": "float32",
+        "size": args.size, "batch": args.batch, "adapter_hidden": args.hidden,
+        "dtype": {"fp32": "float32", "bf16": "bfloat16"}[precisions[0]], "precisions": precisions,
         "threads": threads, "cpus": os.cpu_count(), "warmup_steps": args.warmup, "timed_steps": args.steps,
         "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-        "matmul": {"n": args.matmul_n, "flop_per_s": mm_rate, "samples": probe.samples},
-        "images_per_s": rows["step"]["images_per_s"], "flops_per_step": flops["step"],
-        "flop_per_s": rows["step"]["flop_per_s"], "fraction_of_matmul": frac,
-        "best_step_fraction_of_best_matmul": best_frac,
-        "parts": rows, "step_seconds_all": [r["step"] for r in runs],
-        "phase_seconds_all": runs, "other_processes_cpus": other_cores,
-        "wall_s": wall, "last_loss": step.last_loss,
+        "cpu": cpu.as_dict(),
+        "matmul": head["matmul"],
+        "images_per_s": head["rows"]["step"]["images_per_s"], "flops_per_step": flops["step"],
+        "flop_per_s": head["rows"]["step"]["flop_per_s"], "fraction_of_matmul": head["rows"]["step"]["fraction_of_matmul"],
+        "best_step_fraction_of_best_matmul": head["best_step_fraction_of_best_matmul"],
+        "parts": head["rows"], "step_seconds_all": head["step_seconds_all"],
+        "phase_seconds_all": head["phase_seconds_all"], "other_processes_cpus": other_cores,
+        "wall_s": wall, "last_loss": head["last_loss"],
+        "by_precision": per, "speedup_vs_first": speedup,
     }
     if args.json:
         storage.write_json(str(args.json), out)
