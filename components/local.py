@@ -72,9 +72,26 @@ def finish(run: PipelineRun) -> dict:
     summary = build_summary(run)
     from eupe import storage
 
-    storage.write_json(join(run.root, "summary.json"), summary)
+    storage.write_json(join(run.root, "summary.json"), relative_paths(summary, run.root))
     print(format_table(summary))
     return summary
+
+
+def relative_paths(summary: dict, root: str) -> dict:
+    """``summary.json`` names every file relative to itself (the run folder): the run folder can be copied,
+    mounted elsewhere or synced from S3 and still name its own files."""
+    from eupe import storage
+
+    base = (root if storage.is_s3(root) else os.path.abspath(root)).rstrip("/") + "/"
+
+    def rel(v):
+        if isinstance(v, dict):
+            return {k: rel(x) for k, x in v.items()}
+        if isinstance(v, str) and v.startswith(("/", "s3://")) and (v + "/").startswith(base):
+            return storage.relative_to(v, root)
+        return v
+
+    return {**rel({k: v for k, v in summary.items() if k != "run"}), "run": "."}
 
 
 def _params(pairs: list[str]) -> dict:

@@ -34,6 +34,13 @@ def read_json(uri: str) -> Any:
         return json.load(f)
 
 
+def read_result(folder: str) -> dict:
+    """A step's ``result.json``, its artifact paths (written relative to that file) resolved."""
+    from eupe import storage
+
+    return storage.read_result(folder)
+
+
 @dataclass
 class PipelineRun:
     pipeline: Pipeline
@@ -63,7 +70,7 @@ class PipelineRun:
     def result(self, step: str, item: dict | None = None) -> dict:
         uri = join(self.out(step, item), RESULT_FILE)
         try:
-            return read_json(uri)
+            return read_result(self.out(step, item))
         except (FileNotFoundError, OSError) as e:
             raise UnresolvedReference(f"{step} has no result ({uri}): did it run?") from e
         except Exception as e:  # noqa: BLE001 - an EupeError from S3, a JSON error: name the file

@@ -21,7 +21,7 @@ def test_data_synth_and_scan_write_to_the_bucket(s3_bucket: str, tmp_path: Path,
     assert {u: storage.s3_digest(u, 10) for u in storage.list_uris(data)} == written  # up to date: nothing rewritten
 
     assert main(["data", "scan", "--data", data, "--out", scan]) == 0
-    assert storage.read_json(f"{scan}/result.json")["artifacts"]["manifest"] == f"{scan}/manifest.parquet"
+    assert storage.read_result(scan)["artifacts"]["manifest"] == f"{scan}/manifest.parquet"
     assert list(tmp_path.iterdir()) == []  # no local "s3:" folder
 
 

@@ -43,7 +43,8 @@ def test_publishes_staged_names_only_and_writes_result_last(tmp_path: Path) -> N
     assert result["status"] == "ok" and result["fingerprint"] == {"k": 1}
     assert (out / "model.bin").read_bytes() == b"v1" and (out / "plots" / "a.png").is_file()
     assert (out / "checkpoints" / "step_1.bin").read_bytes() == b"keep me"
-    assert json.loads((out / "result.json").read_text())["artifacts"]["model"] == str(out / "model.bin")
+    assert json.loads((out / "result.json").read_text())["artifacts"]["model"] == "model.bin"  # relative to the file
+    assert storage.read_result(out)["artifacts"]["model"] == str(out / "model.bin")
     assert not list(out.glob(".demo-step.staging-*"))
 
 
@@ -116,7 +117,8 @@ def test_the_same_mechanism_on_s3(s3_bucket: str) -> None:
     first = _run_once(out, {"k": 1})
     assert storage.read_bytes(f"{out}/model.bin") == b"v1" and storage.read_bytes(f"{out}/plots/a.png") == b"png"
     assert storage.read_bytes(f"{out}/checkpoints/step_1.bin") == b"keep me"
-    assert storage.read_json(f"{out}/result.json")["artifacts"]["model"] == f"{out}/model.bin"
+    assert storage.read_json(f"{out}/result.json")["artifacts"]["model"] == "model.bin"  # relative to the file
+    assert storage.read_result(out)["artifacts"]["model"] == f"{out}/model.bin"
     assert not storage.exists(f"{out}/.eupe-step")
     assert _run_once(out, {"k": 1}, payload=b"x")["finished_at"] == first["finished_at"]
     StepRun(out, "demo-step", {"k": 2})  # other inputs: the stale result goes first

@@ -51,7 +51,7 @@ def up_to_date(out: str | None, argv: list[str], config: str | None) -> dict | N
     try:
         if not storage.exists(uri):
             return None
-        result = storage.read_json(uri)
+        result = storage.read_result(out)
         recorded, fp = result.get("invocation") or {}, result.get("fingerprint") or {}
         if (result.get("status") != "ok" or not fp or recorded.get("argv") != [str(a) for a in argv]
                 or recorded.get("config_digest") != _config_digest(config) or fp.get("code") != code_digest()):

@@ -179,7 +179,7 @@ class StepMetrics:
         _open.remove(self)
         uri = f"{self.out.rstrip('/')}/result.json"
         try:
-            result = storage.read_json(uri) if storage.exists(uri) else None
+            result = storage.read_result(self.out) if storage.exists(uri) else None
         except Exception:  # noqa: BLE001 - unreadable: the step did not finish
             result = None
         if not isinstance(result, dict) or result.get("step") != self.step:

@@ -18,15 +18,16 @@ ENCODER_FILE = "encoder.safetensors"  # the deliverable of a training stage
 
 def write_result(out: Path | str, step: str, metrics: dict[str, Any], artifacts: dict[str, Any], status: str = "ok",
                  fingerprint: dict | None = None) -> dict:
+    artifacts = {k: str(v) for k, v in artifacts.items() if v is not None}
     result = {"step": step, "status": status, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "metrics": metrics, "artifacts": {k: str(v) for k, v in artifacts.items() if v is not None}}
+              "metrics": metrics, "artifacts": {k: storage.relative_to(v, out) for k, v in artifacts.items()}}
     if fingerprint is not None:
         result["fingerprint"] = fingerprint
     result["provenance"] = provenance(fingerprint)
     if invocation.CURRENT is not None:  # the command line: what `eupe.invocation.up_to_date` compares
         result["invocation"] = invocation.CURRENT
-    storage.write_json(f"{str(out).rstrip('/')}/{RESULT_FILE}", result)
-    return result
+    storage.write_json(f"{str(out).rstrip('/')}/{RESULT_FILE}", result)  # paths relative to result.json's folder
+    return {**result, "artifacts": {k: storage.resolve_from(v, out) for k, v in result["artifacts"].items()}}
 
 
 def provenance(fingerprint: dict | None) -> dict:
@@ -73,4 +74,4 @@ def write_training_result(run, stage: int, history: dict, metrics: dict, checkpo
 
 
 def read_result(out: Path | str) -> dict:
-    return storage.read_json(f"{str(out).rstrip('/')}/{RESULT_FILE}")
+    return storage.read_result(out)

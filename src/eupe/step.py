@@ -94,7 +94,7 @@ class StepRun:
         if not storage.exists(uri):
             return None
         try:
-            data = storage.read_json(uri)
+            data = storage.read_result(self.out)
         except EupeError:
             return None  # unreadable: not this step's (its result.json is written atomically)
         return data if isinstance(data, dict) else None

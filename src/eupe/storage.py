@@ -555,6 +555,39 @@ def write_json(uri: PathLike, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+# --------------------------------------------------------------------------- paths relative to the file naming them
+
+
+def relative_to(uri: PathLike, folder: PathLike) -> str:
+    """``uri`` as written in a file that lives in ``folder``: relative to that folder (a local path, or an S3 key
+    under the folder's prefix), so a run folder copied or mounted elsewhere still names its own files; an S3 URI
+    outside the prefix, or a local path next to an S3 folder, stays absolute."""
+    uri, folder = str(uri), str(folder).rstrip("/")
+    if is_s3(uri) or is_s3(folder):
+        return uri[len(folder) + 1:] if is_s3(uri) and uri.startswith(folder + "/") else uri
+    return os.path.relpath(os.path.abspath(uri), os.path.abspath(folder or "."))
+
+
+def resolve_from(path: PathLike, folder: PathLike) -> str:
+    """The inverse of :func:`relative_to`: a path read from a file in ``folder``, as a usable URI (absolute
+    paths and ``s3://`` URIs pass through unchanged)."""
+    path, folder = str(path), str(folder).rstrip("/")
+    if is_s3(path) or os.path.isabs(path):
+        return path
+    if is_s3(folder):
+        return f"{folder}/{path}"
+    return os.path.normpath(os.path.join(os.path.abspath(folder or "."), path))
+
+
+def read_result(folder: PathLike) -> dict:
+    """A step's ``result.json`` with its ``artifacts`` resolved against the folder it lives in."""
+    result = read_json(f"{str(folder).rstrip('/')}/result.json")
+    if isinstance(result, dict) and isinstance(result.get("artifacts"), dict):
+        result["artifacts"] = {k: resolve_from(v, folder) if isinstance(v, str) else v
+                               for k, v in result["artifacts"].items()}
+    return result
+
+
 # --------------------------------------------------------------------------- cache
 
 

@@ -467,7 +467,8 @@ def test_a_domain_finetune_from_the_form_skips_stage_2_and_publishes_under_its_o
     tmp_path, config, first = retrain
     assert first.returncode == 0
     trained = tmp_path / "artifacts" / "runs" / "eupe_retrain" / "t1"
-    base = json.loads((trained / "train_stage3" / "result.json").read_text())["artifacts"]["checkpoint_model"]
+    base = str(trained / "train_stage3" / json.loads((trained / "train_stage3" / "result.json").read_text())[
+        "artifacts"]["checkpoint_model"])  # written relative to result.json
     form = {"run_name": "d1", "config": str(config), "dataset_uri": str(tmp_path / "data"), "base_checkpoint": base,
             "proxy": str(trained / "train_stage1" / "encoder.safetensors"), "student": "vit_t", "stages": "3",
             "steps": 4, "lr": 5e-4, "latency_budget_ms": 60000, "device_class": "ci-cpu", "model_name": "tiny_domain"}

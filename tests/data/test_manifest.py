@@ -15,6 +15,7 @@ import pytest
 from image_builders import broken_files, encode, photo, png_bomb_header, unusual_valid_files
 from PIL import Image
 
+from eupe import storage
 from eupe.cli import main
 from eupe.data.decode import UndecodableImage, decode, decode_full
 from eupe.data.folder import ImageFolder
@@ -167,7 +168,7 @@ def test_manifest_is_streamed_in_source_order_with_the_declared_schema(tmp_path)
 def test_scan_cli_writes_manifest_and_result(tmp_path, tiny_data, capsys):
     out = tmp_path / "scan"
     assert main(["data", "scan", "--data", str(tiny_data), "--out", str(out), "--workers", "2"]) == 0
-    result = json.loads((out / "result.json").read_text())
+    result = storage.read_result(out)  # artifact paths resolved (written relative to result.json)
     assert result["step"] == "data-scan" and result["metrics"]["images"] == 64
     assert result["metrics"]["undecodable"] == 0 and result["metrics"]["images_per_s"] > 0
     df = read_manifest(result["artifacts"]["manifest"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from eupe import storage
 from eupe.cli import main
 from eupe.data.synth import synthesize
 
@@ -36,7 +37,7 @@ def test_version_pushes_and_pull_restores_identical_bytes(repo, capsys):
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     out = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]
     assert printed == out["md5"] and printed.endswith(".dir") and out["nfiles"] == 14  # + synth.json, result.json
-    result = yaml.safe_load((repo / "v1" / "result.json").read_text())
+    result = storage.read_result(repo / "v1")  # artifact paths resolved (written relative to result.json)
     assert result["metrics"]["hash"] == printed and result["artifacts"]["dvc_file"] == str(repo / "data.dvc")
 
     shutil.rmtree(data)

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from eupe import storage
 from eupe.cli import main
 from eupe.config import load_config
 from eupe.models.features import extract_features
@@ -29,7 +30,7 @@ def test_a_training_stage_publishes_a_timm_model_folder(tiny_config, tmp_path):
                  "--set", "stage1.warmup_iters=1", "--norm", str(tmp_path / "n" / "norm.safetensors"),
                  "--out", str(out)]) == 0
     folder = out / "model"
-    result = json.loads((out / "result.json").read_text())
+    result = storage.read_result(out)  # artifact paths resolved (written relative to result.json)
     assert result["artifacts"]["model"] == str(folder)
     config = json.loads((folder / "config.json").read_text())
     cfg = load_config(tiny_config)
