@@ -62,8 +62,9 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_crop_and_flip_are_torchvisions_for_the_same_seed_from_the_size_alone() -> None:
+    extreme = [(20, 300), (300, 20), (1, 1), (7, 500)]  # torchvision's fallback crop
     for seed in range(100):
-        height, width = 50 + seed % 97, 60 + (seed * 7) % 131
+        height, width = extreme[seed % 4] if seed % 5 == 0 else (50 + seed % 97, 60 + (seed * 7) % 131)
         torch.manual_seed(seed)
         expected = T.RandomResizedCrop.get_params(torch.zeros(3, height, width), [0.35, 1.0], [3 / 4, 4 / 3])
         expected_flip = bool(torch.rand(()) < 0.5)
@@ -71,6 +72,11 @@ def test_crop_and_flip_are_torchvisions_for_the_same_seed_from_the_size_alone() 
     flips = [crop_params(s, 100, 100)[4] for s in range(200)]
     assert 70 < sum(flips) < 130  # a fair coin
     assert not any(crop_params(s, 100, 100, hflip=False)[4] for s in range(50))
+    torch.manual_seed(1)
+    before = torch.rand(3)
+    torch.manual_seed(1)
+    crop_params(5, 100, 100)
+    assert torch.equal(torch.rand(3), before)  # the global RNG is neither drawn nor reseeded
 
 
 def test_draft_scale_keeps_at_least_the_output_resolution_in_the_crop() -> None:

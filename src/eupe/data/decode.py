@@ -134,8 +134,8 @@ def _load_rgb(im: Image.Image, uri: str) -> Image.Image:
         im.load()
     except Exception as e:  # noqa: BLE001 - decoder errors are per file, never a crash of the step
         raise UndecodableImage(uri, _reason(e)) from None
-    try:
-        im = ImageOps.exif_transpose(im)
+    try:  # in place: an upright image is not copied (the returning form copies it whole)
+        ImageOps.exif_transpose(im, in_place=True)
     except Exception:  # noqa: BLE001 - malformed EXIF: the pixels are fine, keep them as stored
         pass
     try:

@@ -14,6 +14,7 @@ path (whole image decoded, crop on a tensor) for ``benchmarks/data_throughput.py
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -65,15 +66,36 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         return (self.total - self.start) * (self.per_rank // self.micro)
 
 
+_LOG_RATIO = torch.log(torch.tensor([3 / 4, 4 / 3]))  # RandomResizedCrop's default ratio range, as it computes it
+
+
 def crop_params(seed: int, height: int, width: int, scale: Sequence[float] = (0.35, 1.0),
                 hflip: bool = True) -> tuple[int, int, int, int, bool]:
     """``(top, left, h, w, flip)`` of sample ``seed`` on a ``height`` x ``width`` image: ``torchvision``'s
-    ``RandomResizedCrop.get_params`` (ratio 3/4..4/3) then a fair coin for the flip, from the seed alone."""
-    shape = torch.empty((1, 1, 1), dtype=torch.uint8).expand(3, height, width)  # the size, no pixels
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        top, left, h, w = T.RandomResizedCrop.get_params(shape, list(scale), [3 / 4, 4 / 3])
-        flip = hflip and bool(torch.rand(()) < 0.5)
+    ``RandomResizedCrop.get_params`` (ratio 3/4..4/3) then a fair coin for the flip, draw for draw as under
+    ``torch.manual_seed(seed)``, from a generator of its own: ``manual_seed`` also queues a seed for every
+    lazily initialised accelerator (a stack trace each), a millisecond per sample."""
+    g = torch.Generator().manual_seed(seed)
+    area = height * width
+    for _ in range(10):  # torchvision's loop, same draws in the same order
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(_LOG_RATIO[0], _LOG_RATIO[1], generator=g)).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
+            break
+    else:  # torchvision's fallback: the central crop at the nearest allowed ratio
+        in_ratio = width / height
+        if in_ratio < 3 / 4:
+            w, h = width, int(round(width / (3 / 4)))
+        elif in_ratio > 4 / 3:
+            w, h = int(round(height * (4 / 3))), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    flip = hflip and bool(torch.rand((), generator=g) < 0.5)
     return top, left, h, w, flip
 
 
@@ -157,7 +179,10 @@ class DistillImages(Dataset):
         image, label, skipped = read_sample(self.source, index)  # undecodable: the next image, counted
         img = TF.pil_to_tensor(image)
         if self.train:
-            top, left, h, w, flip = crop_params(seed, img.shape[-2], img.shape[-1], self.scale, self.hflip)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), [3 / 4, 4 / 3])
+                flip = self.hflip and bool(torch.rand(()) < 0.5)
             img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
             if flip:
                 img = TF.horizontal_flip(img)
