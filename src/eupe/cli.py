@@ -21,10 +21,11 @@ from eupe.evaluate import commands as evaluate_commands
 from eupe.export import commands as export_commands
 from eupe.plan import commands as plan_commands
 from eupe.registry import commands as registry_commands
+from eupe.teachers import commands as teachers_commands
 
 # Modules with a ``register(subparsers)`` that adds top-level steps (kept out of this file so that
 # each step's flags live next to its code).
-STEP_COMMANDS: list = [evaluate_commands, export_commands, registry_commands, plan_commands]
+STEP_COMMANDS: list = [evaluate_commands, export_commands, registry_commands, plan_commands, teachers_commands]
 
 
 RANDOM_PROXY_HELP = ("stages 2-3 without proxy weights (--proxy, proxy.weights): distil a randomly initialised proxy "
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "matplotlib", "dvc", "botocore", "urllib3"):  # their INFO is internal chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's deprecation notice, at every export
     argv = sys.argv[1:] if argv is None else list(argv)
     out, config = getattr(args, "out", None), getattr(args, "config", None)
     invocation.record(argv, config)
