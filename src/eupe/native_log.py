@@ -1,0 +1,43 @@
+"""Native libraries that log straight to file descriptor 2: keep their lines that matter, drop the chatter.
+
+ExecuTorch's runtime prints five ``[cpuinfo_utils.cpp:NN] ...`` lines (ARM ``midr`` files it cannot find on an
+x86 host, a CPU count mismatch in a container) the first time a method creates its thread pool. In a pod log or
+an Airflow task log they read like errors. :func:`quiet_native_stderr` runs a block with fd 2 pointed at a
+temporary file and writes back every line except those matching the chatter patterns.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+CHATTER = re.compile(rb"^\[cpuinfo_utils\.cpp:\d+\]")
+
+
+@contextmanager
+def quiet_native_stderr(chatter: re.Pattern[bytes] = CHATTER) -> Iterator[None]:
+    """Within the block, lines a native library writes to fd 2 that match ``chatter`` are dropped; every
+    other line still reaches stderr (after the block, in order). Python's own ``sys.stderr`` is flushed first."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured or replaced stderr: nothing native to filter
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().splitlines(keepends=True) if not chatter.match(line)]
+            if kept:
+                os.write(fd, b"".join(kept))
