@@ -15,7 +15,9 @@ over ``.tar`` shards) on photo-like JPEGs (quality 90, 500x375 to 1024x768, land
 in the same process, interleaved (before, after, after, before, ...) for ``--rounds`` rounds; the median
 round is shown, and the ratio after / before. Sizes: 256 (default), 512, and "stage3": crops at 512 then
 one antialiased resize per batch to a size drawn from the 256/384/512 pyramid (``targets.prepare``).
-Workers 0 is the main process (one reader). The S3 API is a ``moto_server`` started here on a free loopback
+Workers 0 is the main process (one reader); there the CPU time of the process per image is shown too (all the
+work is in it, so it moves less than wall time on a shared, loaded machine: 2000 / ms is what two free cores
+would reach with two workers). The S3 API is a ``moto_server`` started here on a free loopback
 port (the same helper as the tests), so "s3" is HTTP on loopback: it measures the client path, not a network.
 
     .venv/bin/python benchmarks/data_throughput.py [--images 160] [--batch 16] [--workers 0 2] [--sizes 256]
@@ -115,21 +117,23 @@ def batches(source, size: int, batch: int, workers: int, n: int, fast: bool) -> 
         yield item[0]
 
 
-def measure(source, size: str, batch: int, workers: int, n: int, fast: bool) -> float:
-    """Images/s from the first batch to the ``n``-th image (worker start-up left out)."""
+def measure(source, size: str, batch: int, workers: int, n: int, fast: bool) -> tuple[float, float | None]:
+    """Images/s from the first batch to the ``n``-th image (worker start-up left out), and with 0 workers
+    the CPU ms per image of this process (all the work: less sensitive than wall time to a loaded box)."""
     load = 512 if size == "stage3" else int(size)
     mean, std = torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
     rng = random.Random(0)
     it = batches(source, load, batch, workers, n, fast)
     first = next(it)
-    t0, done = time.perf_counter(), 0
+    t0, c0, done = time.perf_counter(), time.process_time(), 0
     for images in it:
         if size == "stage3":
             prepare(images, rng.choice(PYRAMID), mean, std)
         done += images.shape[0]
         if done + first.shape[0] >= n:
             break
-    return done / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return done / wall, (1000 * cpu / done if workers == 0 else None)
 
 
 def cpu_model() -> str:
@@ -180,12 +184,18 @@ def main() -> None:
                 for size in args.sizes:
                     for workers in args.workers:
                         rates: dict[str, list[float]] = {path: [] for path in PATHS}
+                        cpu: dict[str, list[float]] = {path: [] for path in PATHS}
                         for r in range(args.rounds):  # before, after | after, before | ...: drift hits both
                             for path in (PATHS if r % 2 == 0 else reversed(PATHS)):
-                                rates[path].append(measure(make(), size, args.batch, workers, args.images, PATHS[path]))
+                                rate, ms = measure(make(), size, args.batch, workers, args.images, PATHS[path])
+                                rates[path].append(rate)
+                                if ms is not None:
+                                    cpu[path].append(ms)
                         before, after = (statistics.median(rates[p]) for p in PATHS)
+                        cpu_ms = {p: statistics.median(cpu[p]) if cpu[p] else None for p in PATHS}
                         rows.append({"source": name, "size": size, "workers": workers, "before": before, "after": after,
-                                     "ratio": after / before, "rounds_before": rates["before"],
+                                     "ratio": after / before, "cpu_ms_before": cpu_ms["before"],
+                                     "cpu_ms_after": cpu_ms["after"], "rounds_before": rates["before"],
                                      "rounds_after": rates["after"]})
                         print(f"  {name:12s} {size:6s} workers={workers}: before {before:7.1f}  after {after:7.1f} img/s"
                               f"  x{after / before:.2f}", file=sys.stderr, flush=True)
@@ -194,9 +204,13 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     print(f"data throughput {date}: {args.images} JPEGs of 500x375 to 1024x768 (q{JPEG_QUALITY}), batch {args.batch}, "
           f"{machine}, torch threads 1, median of {args.rounds} interleaved rounds")
-    header = ("source", "size", "workers", "before img/s", "after img/s", "after/before")
+    def ms(v: float | None) -> str:
+        return "" if v is None else f"{v:.2f}"
+
+    header = ("source", "size", "workers", "before img/s", "after img/s", "after/before", "CPU ms/img before",
+              "after")
     table = [header] + [(r["source"], r["size"], str(r["workers"]), f"{r['before']:.1f}", f"{r['after']:.1f}",
-                         f"{r['ratio']:.2f}x") for r in rows]
+                         f"{r['ratio']:.2f}x", ms(r["cpu_ms_before"]), ms(r["cpu_ms_after"])) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for i, r in enumerate(table):
         print("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
