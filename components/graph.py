@@ -98,16 +98,19 @@ PUBLISHED_PROXY = ("--proxy", "{param:proxy}")  # a fine-tune distils a proxy tr
 GPU_TRAIN = Resources(cpu="8", memory="64Gi", gpus=8)
 
 
+TEACHERS = ("--teachers", "{dir:teachers}")  # the zoo the teachers step trained (nothing when the recipe has no zoo)
+
+
 def normalize(stage: int, skip_if: str | None = None, proxy: tuple = PROXY) -> Step:
     return Step(f"normalize_stage{stage}", (
-        "normalize", *CONFIG, *DATA, *(proxy if stage > 1 else ()), "--manifest", "{validate:manifest}",
+        "normalize", *CONFIG, *DATA, *(proxy if stage > 1 else TEACHERS), "--manifest", "{validate:manifest}",
         "--stage", str(stage), "--out", "{out}"), {"stats": "norm.safetensors"},
         Resources(cpu="4", memory="32Gi", gpus=1), skip_if=skip_if)
 
 
 def train(stage: int, init: str | None = None, skip_if: str | None = None, proxy: tuple = PROXY) -> Step:
     return Step(f"train_stage{stage}", (
-        "train", *CONFIG, *DATA, *(proxy if stage > 1 else ()), *(("--init", init) if init else ()),
+        "train", *CONFIG, *DATA, *(proxy if stage > 1 else TEACHERS), *(("--init", init) if init else ()),
         "--stage", str(stage), "--norm", f"{{normalize_stage{stage}:stats}}", "--out", "{out}"),
         {"encoder": "encoder.safetensors", "checkpoint": "checkpoints/step_*",
          "checkpoint_model": "checkpoints/step_*/model.safetensors", "losses": "losses.json"},
@@ -116,15 +119,26 @@ def train(stage: int, init: str | None = None, skip_if: str | None = None, proxy
 
 VALIDATE = Step("validate", ("data", "validate", *CONFIG, *DATA, "--out", "{out}"),
                 {"manifest": "manifest.parquet", "validation": "validation.json"}, Resources(cpu="4", memory="8Gi"))
+# The teacher zoo (`eupe teachers train`): the recipe's teachers with a `train:` block (the demo's: no weights can be
+# downloaded there), trained on the data; a recipe of real teachers trains nothing (a quick no-op).
+TEACHERS_ZOO = Step("teachers", ("teachers", "train", *CONFIG, *DATA, "--out", "{out}"),
+                    {"<teacher>": "<teacher>.safetensors"}, Resources(cpu="4", memory="8Gi", gpus=1), retries=3,
+                    resumable=True, skip_if="proxy", after=("validate",))
 VERSION_DATA = Step("version_data", ("data", "version", "--path", "{param:dataset_uri}", "--out", "{out}"),
                     {}, Resources(cpu="1", memory="2Gi"))
-def evaluate(proxy: tuple = PROXY) -> Step:
+def evaluate(proxy: tuple = PROXY, after: tuple[str, ...] = ()) -> Step:
     """The quality gate: against ``baseline`` when given, else the production model of ``model_name``."""
     return Step("evaluate", (
         "evaluate", *CONFIG, *DATA, "--encoder", "student", "--weights", "{train_stage3:encoder}",
         "--checkpoint", "{train_stage3:checkpoint_model}", "--norm", "{normalize_stage3:stats}", *proxy,
         "--baseline", "{param:baseline|production:model_name}", "--out", "{out}"),
-        {"eval": "eval.json"}, Resources(cpu="4", memory="16Gi", gpus=1))
+        {"eval": "eval.json"}, Resources(cpu="4", memory="16Gi", gpus=1), after=after)
+# Every encoder side by side on the held-out images: teachers, proxy, student, a random student (the demo's table);
+# before the quality gate, so that every run that reaches the summary has it.
+COMPARE = Step("compare", (
+    "evaluate", "--compare", *CONFIG, *DATA, *TEACHERS, "--proxy", "{train_stage1:encoder}", "--weights",
+    "{train_stage3:encoder}", "--out", "{out}"), {"compare": "compare.json"}, Resources(cpu="4", memory="16Gi", gpus=1),
+    skip_if="proxy")
 EXPORT = Step("export", (
     "export", *CONFIG, *DATA, "--encoder", "student", "--weights", "{train_stage3:encoder}",
     "--resolution", "{item:resolution}", "--dtype", "{item:dtype}", "--out", "{out}"),
@@ -158,9 +172,9 @@ RETRAIN = Pipeline(
     "Scheduled retraining: validate and version the data, distil stages 1-3 (or reuse a published proxy), "
     "evaluate against the production model, export, time every .pte on every device class, version the "
     "checkpoints, promote.",
-    (VALIDATE, VERSION_DATA, normalize(1, skip_if="proxy"), train(1, skip_if="proxy"), normalize(2), train(2),
-     normalize(3), train(3, init="{train_stage2:checkpoint_model}"), evaluate(), EXPORT, LATENCY, VERSION_CHECKPOINTS,
-     promote("version_data", "version_checkpoints")),
+    (VALIDATE, VERSION_DATA, TEACHERS_ZOO, normalize(1, skip_if="proxy"), train(1, skip_if="proxy"), normalize(2),
+     train(2), normalize(3), train(3, init="{train_stage2:checkpoint_model}"), COMPARE, evaluate(after=("compare",)),
+     EXPORT, LATENCY, VERSION_CHECKPOINTS, promote("version_data", "version_checkpoints")),
     params={"config": "configs/demo.yaml", "dataset_uri": "data", "proxy": "", "baseline": "",
             "model_name": "eupe_student", "budget_model": "demo_student", "device_classes": "", "latency_budget_ms": ""},
 )

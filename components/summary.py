@@ -27,6 +27,12 @@ def build_summary(run: PipelineRun) -> dict:
     metrics = evaluation["metrics"]
     summary["eval"] = {k: metrics.get(k) for k in EVAL_KEYS}
     summary["chance"] = {"knn_top1": metrics.get("knn_chance")}
+    try:  # every encoder side by side (the compare step; not part of every pipeline)
+        compare = run.result("compare")["metrics"]
+        summary["compare"] = {"rows": compare["rows"], "chance": compare["chance"],
+                              "teacher_objectives": compare.get("teacher_objectives", {})}
+    except UnresolvedReference:
+        pass
     summary["export"], summary["latency"] = {}, {}
     for v in export_variants(run):
         from eupe import storage
@@ -53,6 +59,22 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+COMPARE_KEYS = ("knn_top1", "seg_miou", "depth_rmse", "keypoint_pck")
+
+
+def compare_table(compare: dict) -> list[str]:
+    """Teachers, proxy, student and a random student on the same held-out images, and what chance scores."""
+    objectives = compare.get("teacher_objectives", {})
+    rows = [("encoder", "px", "k-NN top1", "seg mIoU", "depth RMSE m", "keypoint PCK")]
+    for name, r in compare["rows"].items():
+        label = f"{name} ({objectives[name]} teacher)" if name in objectives else name
+        rows.append((label, str(r.get("resolution", "")), *(_fmt(r.get(k)) for k in COMPARE_KEYS)))
+    rows.append(("chance", "", *(_fmt(compare["chance"].get(k)) for k in COMPARE_KEYS)))
+    return [*_table(rows), "held-out images, linear probes on frozen features (each encoder at its own resolution); "
+            "chance: k-NN answering the most common class, seg every pixel the most common class, depth the mean "
+            "depth. random student: the student's architecture, randomly initialised (seeded)."]
+
+
 def format_table(summary: dict) -> str:
     rows = [("stage", "first loss", "last loss", "steps", "img/s", "checkpoint")]
     for name, s in summary["stages"].items():
@@ -63,9 +85,9 @@ def format_table(summary: dict) -> str:
     lines += ["", *_table([("eval metric", "value", "chance"),
                            *((k, _fmt(v), _fmt(chance[k]) if k in chance else "") for k, v in summary["eval"].items())])]
     if chance.get("knn_top1") is not None:
-        lines.append("chance: the most common class's share of the held-out images. The demo's teachers are randomly "
-                     "initialised (no weights can be downloaded here), so k-NN near chance is expected: the pipeline "
-                     "runs every step, it cannot transfer knowledge its teachers do not have.")
+        lines.append("chance: the most common class's share of the held-out images.")
+    if summary.get("compare"):
+        lines += ["", *compare_table(summary["compare"])]
     rows = [("model", "parity cos", "MiB")]
     for name, e in summary["export"].items():
         rows.append((name, f"{e['parity_cosine']:.5f}", f"{e['bytes'] / 2**20:.2f}"))

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from eupe.commands import config_args, input_overrides, load
+from eupe.commands import TEACHERS_HELP, config_args, input_overrides, load
 from eupe.data import commands as data_commands
 from eupe import __version__, invocation
 from eupe.errors import EupeError, Preempted
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True)
     p.add_argument("--data", help="dataset URI (overrides data.root)")
     p.add_argument("--proxy", help="proxy weights for stages 2 and 3 (overrides proxy.weights)")
+    p.add_argument("--teachers", help=TEACHERS_HELP)
     p.add_argument("--manifest", help="manifest.parquet of --data (eupe data scan): draw the batch stratified by "
                                       "domain and class, without undecodable files and outliers")
     p.add_argument("--random-proxy", action="store_true", help=RANDOM_PROXY_HELP)
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset URI (overrides data.root)")
     p.add_argument("--norm", required=True, help="norm.safetensors from `eupe normalize` for this stage")
     p.add_argument("--proxy", help="proxy weights for stages 2 and 3 (overrides proxy.weights)")
+    p.add_argument("--teachers", help=TEACHERS_HELP)
     p.add_argument("--init", help="checkpoint to start from (required by stage 3: a stage-2 checkpoint's model.safetensors)")
     p.add_argument("--random-proxy", action="store_true", help=RANDOM_PROXY_HELP)
     p.add_argument("--from-scratch", action="store_true",

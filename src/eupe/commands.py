@@ -25,7 +25,7 @@ def load(args: argparse.Namespace, extra: list | None = None) -> Config:
 
 def input_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
     """Input URIs given as flags become literal config overrides, so a step's inputs are explicit on its
-    command line: ``--data`` and ``--proxy``. ``--data`` replaces a configured mixture (``data.sources``)
+    command line: ``--data``, ``--proxy`` and ``--teachers``. ``--data`` replaces a configured mixture (``data.sources``)
     as a whole, with a warning naming every source it drops; leave ``--data`` out to train on the mixture."""
     extra: list[tuple[str, object]] = []
     if getattr(args, "data", None):
@@ -36,7 +36,16 @@ def input_overrides(args: argparse.Namespace) -> list[tuple[str, object]]:
         extra += [("data.root", args.data), ("data.sources", [])]
     if getattr(args, "proxy", None):
         extra.append(("proxy.weights", args.proxy))
+    if getattr(args, "teachers", None):  # the zoo `eupe teachers train` wrote: weights of every train: teacher
+        from eupe.config import load_config
+        from eupe.teachers.zoo import zoo_overrides
+
+        extra += zoo_overrides(load_config(args.config, list(args.overrides)), args.teachers)
     return extra
+
+
+TEACHERS_HELP = ("folder of `eupe teachers train`: every teacher of the recipe with a train: block loads "
+                 "<folder>/<name>.safetensors (its teachers.N.weights)")
 
 
 def _dropped_sources(args: argparse.Namespace) -> list[str]:

@@ -41,9 +41,24 @@ class ModelSpec(_Strict):
         return check_kwargs(v)
 
 
+class TeacherTraining(_Strict):
+    """A teacher of the zoo trained here (``eupe teachers train``) when no real weights can be had: tiny teachers
+    that each know something different, so that distilling them transfers something (the demo)."""
+
+    # semantic: image classes from the summary vector (the PEcore role); contrastive: the summary vector matched
+    # to learned class embeddings by cosine, CLIP-style (PElang); dense: per-patch segmentation classes and depth
+    # (DINOv3)
+    objective: Literal["semantic", "contrastive", "dense"]
+    iters: int = Field(default=150, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+
+
 class TeacherSpec(ModelSpec):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")
     loss_weight: float = Field(default=1.0, gt=0)
+    train: TeacherTraining | None = None  # set: `eupe teachers train` trains it; `--teachers DIR` then loads it
 
 
 class LossConfig(_Strict):

@@ -24,6 +24,9 @@ def test_edges_come_from_the_references_and_gates():
     assert needs["latency"] == {"export"}
     assert needs["version_checkpoints"] == {"latency"}  # versioned only once both gates passed
     assert needs["promote"] == {"train_stage3", "evaluate", "export", "latency", "version_data", "version_checkpoints"}
+    assert needs["evaluate"] == {"train_stage1", "train_stage3", "normalize_stage3", "compare"}
+    assert needs["teachers"] == {"validate"} and "teachers" in needs["train_stage1"] and "teachers" in needs["compare"]
+    assert needs["compare"] == {"teachers", "train_stage1", "train_stage3"}  # every encoder, beside the student's gate
     assert "train_stage1" not in {n for s in FINETUNE.steps for n in s.needs}
     assert sorted(PIPELINES) == ["eupe_domain_finetune", "eupe_retrain"]
 
@@ -84,11 +87,18 @@ def test_promote_gets_one_flag_per_fanned_out_element(tmp_path):
         for d in ("fp32", "int8"):
             name = f"student_{r}px_{d}"
             _done(run, "export", {name: f"{name}.pte"}, {"name": name})
+    for d in ("fp32", "int8"):  # two sizes: one more export per dtype, the .pte with a method per size
+        name = f"student_multires_{d}"
+        _done(run, "export", {name: f"{name}.pte"}, {"name": name})
+    variants = items(run, "export_variants")
+    single, multi = run.command(RETRAIN.step("export"), variants[0]), run.command(RETRAIN.step("export"), variants[-1])
+    assert single[single.index("--resolution") + 1] == "32" and "--only" not in single
+    assert "--resolution" not in multi and multi[multi.index("--only") + 1] == "multires"
     argv = run.command(RETRAIN.step("promote"))
     exports = [argv[i + 1] for i, a in enumerate(argv) if a == "--export"]
     latencies = [argv[i + 1] for i, a in enumerate(argv) if a == "--latency"]
     assert [Path(e).name for e in exports] == ["student_32px_fp32", "student_32px_int8", "student_48px_fp32",
-                                               "student_48px_int8"]
+                                               "student_48px_int8", "student_multires_fp32", "student_multires_int8"]
     assert [Path(x).name for x in latencies] == [f"{Path(e).name}_ci-cpu" for e in exports]
     assert argv[argv.index("--registry") + 1] == str(tmp_path) and argv[argv.index("--run-id") + 1] == "r1"
     versions = [argv[i + 1] for i, a in enumerate(argv) if a == "--checkpoint-version"]
@@ -101,3 +111,22 @@ def test_a_skipped_steps_output_is_unset_not_an_error(tmp_path):
     run = PipelineRun.create(FINETUNE, str(tmp_path), "f2", {"stages": "3", "base_checkpoint": ""})
     _done(run, "normalize_stage3", {"stats": "n3"})
     assert "--init" not in run.command(FINETUNE.step("train_stage3"))  # no stage 2, no base: from the config
+
+
+def test_stage_1_loads_the_teacher_zoo_and_compare_measures_every_encoder(tmp_path):
+    run = PipelineRun.create(RETRAIN, str(tmp_path), "r1", {"config": "c.yaml", "dataset_uri": "d"})
+    assert run.command(RETRAIN.step("teachers")) == ["teachers", "train", "--config", "c.yaml", "--data", "d", "--out",
+                                                     run.out("teachers"), "--resume", "auto"]
+    _done(run, "validate", {"manifest": "m.parquet"})
+    _done(run, "normalize_stage1", {"stats": "n1.safetensors"})
+    for step in ("normalize_stage1", "train_stage1"):  # the zoo's folder: its train: teachers load from there
+        argv = run.command(RETRAIN.step(step))
+        assert argv[argv.index("--teachers") + 1] == run.out("teachers")
+    _done(run, "train_stage1", {"encoder": "proxy.safetensors"})
+    _done(run, "train_stage3", {"encoder": "student.safetensors"})
+    argv = run.command(RETRAIN.step("compare"))
+    assert argv[:2] == ["evaluate", "--compare"] and argv[argv.index("--teachers") + 1] == run.out("teachers")
+    assert argv[argv.index("--proxy") + 1].endswith("proxy.safetensors")
+    assert argv[argv.index("--weights") + 1].endswith("student.safetensors")
+    reused = PipelineRun.create(RETRAIN, str(tmp_path), "r2", {"proxy": "p.safetensors"})  # no stage 1: no zoo, no compare
+    assert reused.skipped(RETRAIN.step("teachers")) and reused.skipped(RETRAIN.step("compare"))

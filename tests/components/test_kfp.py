@@ -65,7 +65,7 @@ def test_every_step_is_a_task_with_its_resources_retries_and_image(compiled, nam
         retry = task["retryPolicy"]
         assert retry["maxRetryCount"] == step.retries and retry["backoffDuration"] == "60s"
         assert retry["backoffFactor"] == 2
-        cached = step.name.startswith(("validate", "version", "normalize", "export", "evaluate"))
+        cached = step.name.startswith(("validate", "version", "normalize", "export", "evaluate", "compare"))
         assert task["cachingOptions"].get("enableCache", False) is cached, step.name
         assert any(a == "--function_to_execute" for a in container["args"])  # a lightweight component
         assert "components.kfp_components" in container["command"][-1]  # which runs the step's entry point

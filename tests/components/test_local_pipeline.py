@@ -10,7 +10,7 @@ import pytest
 from components.graph import RETRAIN
 from components.local import finish, run_pipeline
 from components.summary import EVAL_KEYS, STAGE_KEYS
-from conftest import pipeline_workspace
+from conftest import ZOO_ITERS, pipeline_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A DVC repository (local-folder remote) holding a tiny dense dataset, and the tiny recipe."""
+    """A DVC repository (local-folder remote) holding a tiny dense dataset, and the tiny recipe with a teacher zoo."""
     root = tmp_path_factory.mktemp("workspace")
-    config = pipeline_workspace(root)
+    config = pipeline_workspace(root, zoo=True)
     return root, config
 
 
@@ -45,7 +45,8 @@ def test_every_step_ran_and_the_summary_is_the_steps_own(first_run):
         assert r["status"] == "ok" and {k: s[k] for k in STAGE_KEYS} == {k: r["metrics"][k] for k in STAGE_KEYS}
         assert s["checkpoint"] == r["artifacts"]["checkpoint"] and Path(r["artifacts"]["checkpoint_model"]).is_file()
         losses = json.loads(Path(r["artifacts"]["losses"]).read_text())["loss"]
-        assert len(losses) == s["steps"] == 12 and s["first_loss"] == sum(losses[:2]) / 2  # 20% of 12 steps
+        n, w = ZOO_ITERS["stages"], ZOO_ITERS["stages"] // 5  # the first loss: the mean of the first 20% of the steps
+        assert len(losses) == s["steps"] == n and s["first_loss"] == pytest.approx(sum(losses[:w]) / w)
     assert summary["eval"] == {k: _result(run, "evaluate")["metrics"].get(k) for k in EVAL_KEYS}
     assert all(summary["eval"][k] is not None for k in ("knn_top1", "seg_miou", "depth_rmse", "keypoint_pck"))
     labels = _result(run, "evaluate")["metrics"]["knn_chance"]  # the held-out majority share, next to k-NN
@@ -83,3 +84,4 @@ def test_a_second_run_of_the_same_run_finds_every_step_up_to_date(first_run):
     again = run_pipeline(RETRAIN, run.artifact_root, "t1", params, in_process=True)
     assert {s: _result(again, s)["finished_at"] for s in steps} == before  # nothing was rewritten
     assert _result(again, "promote")["metrics"]["already_production"] is True
+
