@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append(bench(name, size, args.threads, args.warmup, args.rounds, Path(work)))
                 r = rows[-1]
                 print(f"{name} {size}px: eager {r['eager_ms']:.1f}, ORT {r['ort_fp32_ms']:.1f}/{r['ort_int8_ms']:.1f}, "
-                      f"ET {r['et_fp32_ms']:.1f}/{r['et_int8_ms']:.1f} ms (fp32/int8)", flush=True)
+                      f"ET {r['et_fp32_ms']:.1f}/{r['et_int8_ms']:.1f} ms (fp32/int8), ET export "
+                      f"{r['et_fp32_export_s']:.0f}/{r['et_int8_export_s']:.0f} s", flush=True)
+                if args.json:  # the rows so far: a long run cut short keeps what it measured
+                    storage.write_json(str(args.json), {"benchmark": "export_latency", "partial": True, "cpu": machine,
+                                                        "threads": args.threads, "rounds": args.rounds, "rows": rows})
     finish(rows)
     title = (f"{machine['model']}, {args.threads} threads, batch 1; torch {torch.__version__}, ExecuTorch "
              f"{threads()} threads, onnxruntime {ort_peer.version()}; median of {args.rounds} interleaved rounds")

@@ -141,7 +141,7 @@ COMPARE = Step("compare", (
     skip_if="proxy")
 EXPORT = Step("export", (
     "export", *CONFIG, *DATA, "--encoder", "student", "--weights", "{train_stage3:encoder}",
-    "--resolution", "{item:resolution}", "--dtype", "{item:dtype}", "--out", "{out}"),
+    "--resolution", "{item:resolution}", "--dtype", "{item:dtype}", "--only", "{item:only}", "--out", "{out}"),
     {"export": "export.json", "<variant>": "<variant>.pte"}, Resources(cpu="4", memory="16Gi"), expand="export_variants",
     after=("evaluate",))  # nothing is exported that failed the quality gate
 LATENCY = Step("latency", (

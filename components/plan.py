@@ -1,6 +1,7 @@
 """Fan-out planners: the elements a step is mapped over, computed when the run reaches it.
 
-``export`` runs once per (resolution, dtype) of the recipe's ``export`` section; ``latency`` once per
+``export`` runs once per (resolution, dtype) of the recipe's ``export`` section (and once per dtype for the
+multi-resolution ``.pte``); ``latency`` once per
 exported ``.pte`` and device class; ``version_checkpoints`` once per trained stage. Airflow maps its tasks
 over these lists (dynamic task mapping), the local runner loops over them.
 """
@@ -19,9 +20,14 @@ def _config(run: PipelineRun):
 
 
 def export_variants(run: PipelineRun) -> list[dict]:
+    """One export per resolution x dtype, and with several resolutions (and ``export.multi_resolution``) one
+    per dtype of the ``.pte`` with a method per size (``eupe export --only multires``: no ``--resolution``)."""
     ex = _config(run).export
     dtypes = ["fp32"] + (["int8"] if ex.int8 else [])
-    return [{"name": f"student_{r}px_{d}", "resolution": r, "dtype": d} for r in ex.resolutions for d in dtypes]
+    rows = [{"name": f"student_{r}px_{d}", "resolution": r, "dtype": d, "only": ""} for r in ex.resolutions for d in dtypes]
+    if ex.multi_resolution and len(ex.resolutions) > 1:
+        rows += [{"name": f"student_multires_{d}", "resolution": "", "dtype": d, "only": "multires"} for d in dtypes]
+    return rows
 
 
 def device_classes(run: PipelineRun) -> list[str]:

@@ -179,6 +179,24 @@ def test_one_program_holds_a_method_per_resolution_with_the_weights_once(tmp_pat
         assert min(_cos(g, r_) for g, r_ in zip(got, ref)) >= 0.999
 
 
+def test_only_multires_writes_the_multi_resolution_programs_and_sizes_the_files_they_stand_for(
+        tmp_path: Path, tiny_data: Path, vit_weights: Path):
+    """What a pipeline fanned out per (resolution, dtype) adds as one more element: no one-size file (its
+    sibling elements write those), but their bytes counted against the multi-resolution file."""
+    cfg = _config(tiny_data, vit_weights, *VIT, "export.resolutions=[32, 48]", "export.int8=false")
+    out = tmp_path / "multi"
+    result = run_export(cfg, out, only="multires")
+    models = json.loads((out / "export.json").read_text())["models"]
+    assert sorted(models) == ["student_multires_fp32"] and sorted(p.name for p in out.glob("*.pte")) == [
+        "student_multires_fp32.pte"]
+    multi = models["student_multires_fp32"]
+    assert multi["passed"] and sorted(multi["methods"]) == ["forward_32", "forward_48"]
+    assert multi["bytes"] < multi["single_resolution_bytes"]  # each one-size file holds the weights once more
+    assert result["artifacts"]["student_multires_fp32"] == multi["pte"]
+    with pytest.raises(EupeError, match="--only multires: export.resolutions \\[32\\] holds one size"):
+        run_export(_config(tiny_data, vit_weights, *VIT, "export.resolutions=[32]"), tmp_path / "one", only="multires")
+
+
 def _train_student(path: Path, model_overrides: list[str], data: Path, steps: int = 80) -> Path:
     """A tiny student trained as the pipeline trains one (its patch and class tokens pulled towards a
     teacher's, AdamW), saved as the trainer saves it: weights far from their initialisation (ConvNeXt's

@@ -16,7 +16,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         extra.append((f"{args.encoder}.weights", args.weights))
     if args.resolution:
         extra.append(("export.resolutions", [args.resolution]))
-    result = run_export(load(args, extra), args.out, encoder=args.encoder, dtypes=[args.dtype] if args.dtype else None)
+    result = run_export(load(args, extra), args.out, encoder=args.encoder, dtypes=[args.dtype] if args.dtype else None,
+                        only=args.only)
     m = result["metrics"]
     parity = ", ".join(f"{k.removeprefix('parity_cosine_')} {v:.5f}" for k, v in m.items() if k.startswith("parity_cosine_"))
     print(f"export: {m['models']} .pte in {args.out}, lowest parity cosine: {parity}")
@@ -42,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=int, help="export this input size only (overrides export.resolutions)")
     p.add_argument("--dtype", choices=["fp32", "int8"], help="export this precision only (default: fp32, and int8 "
                                                            "with export.int8)")
+    p.add_argument("--only", choices=["multires"], help="multires: only the .pte with a method per size of "
+                   "export.resolutions (forward_<R>), not the one-size files (a pipeline's extra export element)")
     p.add_argument("--out", required=True, help="output folder (*.pte, export.json, export.png, result.json)")
     p.set_defaults(func=cmd_export)
 

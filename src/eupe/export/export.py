@@ -6,7 +6,10 @@ sizes (and ``export.multi_resolution``) also one ``.pte`` per dtype whose progra
 Writes ``export.json`` (per variant: ``pte``, ``input_shape``, ``dtype``, ``parity_cosine``,
 ``parity_max_abs``, ``bytes``, ``export_s``, delegation; the multi-resolution rows add ``methods``, each
 with its own parity, and ``single_resolution_bytes``, the sum of the one-size files it stands for),
-``export.png`` and ``result.json``. A parity miss, or an operator left outside XNNPACK under
+``export.png`` and ``result.json``. Each size's graph is exported (and quantized) once, and the one-size and the
+multi-resolution lowering share it, so a multi-resolution row's ``export_s`` is its lowering alone. ``--only
+multires`` writes the multi-resolution files only (the pipeline's extra export element, beside one element per
+size x dtype), lowering the one-size programs just to record ``single_resolution_bytes``. A parity miss, or an operator left outside XNNPACK under
 ``export.require_full_delegation``, fails after ``export.json`` is written, so the failing numbers are on disk.
 """
 
@@ -46,18 +49,27 @@ def _images(source: ImageSource, size: int, indices: list[int], mean: torch.Tens
         yield prepare(b["image"], size, mean, std)
 
 
-def run_export(cfg: Config, out: str | Path, encoder: str = "student", dtypes: list[str] | None = None) -> dict:
-    """Every ``export.resolutions`` x dtype (fp32, and int8 with ``export.int8``), or only ``dtypes``."""
+def run_export(cfg: Config, out: str | Path, encoder: str = "student", dtypes: list[str] | None = None,
+               only: str | None = None) -> dict:
+    """Every ``export.resolutions`` x dtype (fp32, and int8 with ``export.int8``), or only ``dtypes``; with
+    ``only="multires"`` the multi-resolution program(s) alone (what a pipeline fanned out per size adds as
+    one more element): the one-size programs are then lowered only to count their bytes, not written."""
     if encoder not in ENCODERS:
         raise EupeError(f"--encoder: expected one of {list(ENCODERS)}, got {encoder!r}")
+    if only not in (None, "multires"):
+        raise EupeError(f"--only: expected multires, got {only!r}")
     spec = getattr(cfg, encoder)
     ex = cfg.export
+    if only == "multires" and len(ex.resolutions) < 2:
+        raise EupeError(f"--only multires: export.resolutions {list(ex.resolutions)} holds one size; a "
+                        "multi-resolution program needs two or more")
     if spec.weights is None:
         raise EupeError(f"{encoder}.weights: no trained weights to export (pass --weights, e.g. stage3/encoder.safetensors)")
     source = open_image_folder(cfg.data.root, "export (int8 calibration and the parity check)")
     check_weights(spec.weights, f"{encoder}.weights")
     run = StepRun(out, "export", fingerprint("export", {**data_inputs(cfg.data), f"{encoder}.weights": spec.weights},
-                                             cfg, encoder=encoder, dtypes=dtypes))
+                                             cfg, encoder=encoder, dtypes=dtypes,
+                                             **({"only": only} if only else {})))
     if run.done:
         return run.done
     model = build_model(spec, encoder).eval()  # our checkpoints: encoder.* only, adapters dropped
@@ -74,10 +86,20 @@ def run_export(cfg: Config, out: str | Path, encoder: str = "student", dtypes: l
     models: dict[str, dict] = {}
     failures: list[str] = []
 
+    built: dict[tuple[int, str], object] = {}  # (size, dtype) -> ExportedProgram, shared by the one-size and the
+    # multi-resolution lowering (lowering reads an ExportedProgram, it does not change it): each size's graph is
+    # exported, quantized and calibrated once
+
     def program(r: int, dtype: str):
-        """The ExportedProgram of one size and dtype (built when lowering asks for it)."""
-        calibration = _images(source, r, calib_idx, mean, std, CALIBRATION_BATCH) if dtype == "int8" and static_int8 else None
-        return lambda: to_program(cases[r][0], cases[r][1][:1], ex.int8_activations if dtype == "int8" else None, calibration)
+        """The ExportedProgram of one size and dtype (built when lowering first asks for it)."""
+        def build():
+            if (r, dtype) not in built:
+                calibration = (_images(source, r, calib_idx, mean, std, CALIBRATION_BATCH)
+                               if dtype == "int8" and static_int8 else None)
+                built[r, dtype] = to_program(cases[r][0], cases[r][1][:1], ex.int8_activations if dtype == "int8" else None,
+                                             calibration)
+            return built[r, dtype]
+        return build
 
     def record(name: str, dtype: str, bound: float, lowered: Lowered, checks: dict[int, tuple[Forward, torch.Tensor, list]],
                export_s: float, **extra) -> dict:
@@ -107,6 +129,7 @@ def run_export(cfg: Config, out: str | Path, encoder: str = "student", dtypes: l
                  sum(lowered.non_delegated.values()))
         return row
 
+    single_bytes: dict[tuple[int, str], int] = {}
     cases: dict[int, tuple[torch.nn.Module, torch.Tensor, list]] = {}  # size -> (static graph, images, eager outputs)
     with run.staging() as tmp:
         for r in ex.resolutions:
@@ -116,14 +139,17 @@ def run_export(cfg: Config, out: str | Path, encoder: str = "student", dtypes: l
             cases[r] = (EncoderOutputs(fixed_size(model, spec, r)), x, reference)
             for dtype, bound in variants:
                 name = f"{encoder}_{r}px_{dtype}"
-                log.info("exporting %s (%s, %d px, %s)", name, spec.model, r, dtype)
+                log.info("%s %s (%s, %d px, %s)", "sizing" if only else "exporting", name, spec.model, r, dtype)
                 t0 = time.perf_counter()
                 lowered = lower_methods({"forward": program(r, dtype)}, name)
                 export_s = time.perf_counter() - t0
+                single_bytes[r, dtype] = len(lowered.program)
+                if only == "multires":  # only the bytes of the file the multi-resolution one stands for
+                    continue
                 forward = load_program(lowered.program, f"{name}.pte").method()
                 record(name, dtype, bound, lowered, {r: (forward, x, reference)}, export_s,
                        input_shape=[1, 3, r, r], resolution=r)
-        if ex.multi_resolution and len(ex.resolutions) > 1:
+        if only == "multires" or (ex.multi_resolution and len(ex.resolutions) > 1):
             for dtype, bound in variants:
                 name = f"{encoder}_multires_{dtype}"
                 log.info("exporting %s (%s, methods for %s px, %s)", name, spec.model, ex.resolutions, dtype)
@@ -131,7 +157,7 @@ def run_export(cfg: Config, out: str | Path, encoder: str = "student", dtypes: l
                 lowered = lower_methods({f"forward_{r}": program(r, dtype) for r in ex.resolutions}, name)
                 export_s = time.perf_counter() - t0
                 loaded = load_program(lowered.program, f"{name}.pte")
-                singles = sum(models[f"{encoder}_{r}px_{dtype}"]["bytes"] for r in ex.resolutions)
+                singles = sum(single_bytes[r, dtype] for r in ex.resolutions)
                 record(name, dtype, bound, lowered,
                        {r: (loaded.method(f"forward_{r}"), cases[r][1], cases[r][2]) for r in ex.resolutions}, export_s,
                        input_shape=None, resolutions=list(ex.resolutions), single_resolution_bytes=singles,
