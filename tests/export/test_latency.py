@@ -107,6 +107,19 @@ def test_cli_measures_without_budgets(tmp_path: Path, pte: Path, capsys: pytest.
     assert report["budget_ms"] is None and report["passed"] is None and len(report["runs_ms"]) == 3
 
 
+def test_a_pod_log_of_latency_has_no_native_chatter(tmp_path: Path, pte: Path):
+    """ExecuTorch's cpuinfo lines ([cpuinfo_utils.cpp:..], ARM files missing on x86) do not reach the log."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([str(Path(sys.executable).parent / "eupe"), "latency", "--set", "latency.runs=2", "--set",
+                           "latency.warmup=0", "--pte", str(pte), "--model", "tiny", "--resolution", "32", "--out",
+                           str(tmp_path / "lat")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "latency: median" in proc.stdout
+    assert "cpuinfo" not in proc.stderr and "KernelPreference" not in proc.stderr and "\r" not in proc.stderr
+
+
 def test_pte_from_s3(tmp_path: Path, pte: Path, s3_bucket: str):
     import boto3
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from eupe.errors import EupeError
+from eupe.native_log import quiet_native_stderr
 
 
 def first_line(e: BaseException) -> str:
@@ -54,7 +55,8 @@ class Forward:
         self.method_name = method
         self.name = program.name if method == "forward" else f"{program.name}:{method}"
         try:
-            self.method = program.program.load_method(method)
+            with quiet_native_stderr():  # the thread pool's cpuinfo chatter, once per process
+                self.method = program.program.load_method(method)
         except (RuntimeError, ValueError, KeyError) as e:
             raise EupeError(f"cannot load {self.name} with the ExecuTorch runtime: {first_line(e)}") from None
 
