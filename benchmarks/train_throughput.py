@@ -301,10 +301,12 @@ def main(argv: list[str] | None = None) -> dict:
             steps[p]()
     load = OtherLoad()
     runs: dict[str, list[dict[str, float]]] = {p: [] for p in precisions}
+    losses: dict[str, list[float]] = {p: [] for p in precisions}  # per timed step (the FLOP count adds one more)
     for _ in range(args.steps):  # interleaved: fp32, bf16, fp32, bf16, ... on the same machine state
         for p in precisions:
             probes[p].sample()
             runs[p].append(steps[p]())
+            losses[p].append(steps[p].last_loss)
     for probe in probes.values():
         probe.sample()
     other_cores = load.cores()
@@ -314,9 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     per: dict[str, dict] = {}
     for p in precisions:
-        if not math.isfinite(steps[p].last_loss):
-            raise SystemExit(f"the {p} step's loss is not finite ({steps[p].last_loss}): the benchmark measured a "
-                             "broken step")
+        if not all(math.isfinite(v) for v in losses[p]):
+            raise SystemExit(f"the {p} step's loss is not finite ({losses[p]}): the benchmark measured a broken step")
         mm_rate = statistics.median(probes[p].samples)
         rows = _rows(flops, runs[p], args.batch, mm_rate)
         best = min(r["step"] for r in runs[p])
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
                                             "samples": probes[p].samples},
                   "best_step_s": best, "best_step_fraction_of_best_matmul": flops["step"] / best / max(probes[p].samples),
                   "step_seconds_all": [r["step"] for r in runs[p]], "phase_seconds_all": runs[p],
-                  "last_loss": steps[p].last_loss}
+                  "losses": losses[p], "last_loss": losses[p][-1]}
     wall = time.perf_counter() - t_all
 
     first = steps[precisions[0]]
@@ -370,8 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{r['label']:34s}{ms}{xs}")
         imgs = "".join(f" {per[p]['rows']['step']['images_per_s']:10.2f}" for p in precisions)
         print(f"{'img/s (full step)':34s}{imgs}")
-        losses = "".join(f" {per[p]['last_loss']:10.4f}" for p in precisions)
-        print(f"{'loss at the last step':34s}{losses}")
+        last = "".join(f" {per[p]['last_loss']:10.4f}" for p in precisions)
+        print(f"{'loss at the last timed step':34s}{last}")
         speedup = {p: per[base]["rows"]["step"]["seconds"] / per[p]["rows"]["step"]["seconds"] for p in precisions[1:]}
         print(" ".join(f"{p}: {x:.2f}x the {base} step rate, loss {per[p]['last_loss']:.4f} vs "
                        f"{per[base]['last_loss']:.4f} ({(per[p]['last_loss'] / per[base]['last_loss'] - 1) * 100:+.2f}%)"
