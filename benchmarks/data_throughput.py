@@ -44,12 +44,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import _free_port, _wait_until_up  # noqa: E402 - the tests' moto_server helpers
 
 from eupe import storage  # noqa: E402
+from eupe.data import decode as dec  # noqa: E402 - the profile times the decoder's stages one by one
+from eupe.data import loader as ld  # noqa: E402
 from eupe.data.folder import ImageFolder  # noqa: E402
 from eupe.data.loader import StepBatchSampler, step_loader  # noqa: E402
 from eupe.data.sources import Mixture, S3ImageFolder, ShardStream, stream_loader, write_shards  # noqa: E402
@@ -136,6 +140,118 @@ def measure(source, size: str, batch: int, workers: int, n: int, fast: bool) -> 
     return done / wall, (1000 * cpu / done if workers == 0 else None)
 
 
+STAGES = ("read file", "header", "crop params", "decode", "crop", "to tensor", "resize + antialias", "flip", "collate")
+PROFILED = {  # path -> what it is
+    "before": "fast=False: whole image decoded, pil_to_tensor, resized_crop on the tensor",
+    "e3ac954": "crop while decoding, the box cut by Pillow and copied out (decode_crop, the previous 'after')",
+    "after": "crop while decoding, an upright RGB JPEG decoded into an array, the box a view (decode_crop_pixels)",
+}
+
+
+class _Clock:
+    """CPU ms per stage, summed (``time.process_time``: the work of this process only)."""
+
+    def __init__(self) -> None:
+        self.ms = dict.fromkeys(STAGES, 0.0)
+        self.t = time.process_time()
+
+    def lap(self, stage: str) -> None:
+        t = time.process_time()
+        self.ms[stage] += 1000 * (t - self.t)
+        self.t = t
+
+
+def _staged(path: str, folder: ImageFolder, i: int, seed: int, size: int, clock: _Clock) -> torch.Tensor:
+    """Sample ``(i, seed)`` through ``path``'s steps, each timed: the library's own functions, in its order."""
+    data = folder.read_bytes(i)
+    clock.lap("read file")
+    if path == "before":  # DistillImages.__getitem__ with fast=False
+        im = dec._open(data, folder.uri(i), folder.max_pixels)
+        clock.lap("header")
+        image = dec._load_rgb(im, folder.uri(i))
+        clock.lap("decode")
+        img = TF.pil_to_tensor(image)
+        clock.lap("to tensor")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            top, left, h, w = T.RandomResizedCrop.get_params(img, [0.35, 1.0], [3 / 4, 4 / 3])
+            flip = bool(torch.rand(()) < 0.5)
+        clock.lap("crop params")
+        img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+        clock.lap("resize + antialias")  # the crop is a view inside resized_crop
+        out = TF.horizontal_flip(img) if flip else img
+        clock.lap("flip")
+        return out
+    drawn: dict[str, bool] = {}
+
+    def crop(height: int, width: int) -> tuple[int, int, int, int]:
+        clock.lap("header")
+        top, left, h, w, drawn["flip"] = ld.crop_params(seed, height, width)
+        clock.lap("crop params")
+        return top, left, h, w
+
+    im, orientation, box, _ = dec._plan_crop(data, folder.uri(i), size, crop, folder.max_pixels, True)
+    clock.lap("header")  # the rest of the header: the draft set up
+    pixels = dec._decode_rgbx(im, data, folder.uri(i)) if path == "after" and orientation == 1 else None
+    if pixels is not None:
+        clock.lap("decode")
+        left, top, right, bottom = box
+        pixels = pixels[top:bottom, left:right]
+        clock.lap("crop")
+    else:
+        rgb = dec._load_rgb(im, folder.uri(i))
+        clock.lap("decode")
+        pixels = np.asarray(rgb.crop(box))
+        clock.lap("crop")  # the crop and the copy out of Pillow (np.asarray: tobytes)
+    chw = ld._chw(pixels)
+    clock.lap("to tensor")
+    out = TF.resize(chw, [size, size], antialias=True)
+    out = out[:3] if out.shape[0] == 4 else out
+    clock.lap("resize + antialias")
+    out = TF.horizontal_flip(out) if drawn["flip"] else out
+    clock.lap("flip")
+    return out
+
+
+def profile(folder: ImageFolder, size: int, batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """CPU ms per image of each stage of each path in ``PROFILED``, one thread, over every image of ``folder``:
+    paths interleaved within each round (order reversed every other round), median over ``rounds``. The first
+    round checks the staged outputs against the library's (``DistillImages``) bit for bit."""
+    n = len(folder)
+    seeds = [ld.sample_seed(0, p) for p in range(n)]
+    samples: dict[str, list[dict[str, float]]] = {path: [] for path in PROFILED}
+    for r in range(rounds):
+        for path in (PROFILED if r % 2 == 0 else reversed(PROFILED)):
+            clock, outs = _Clock(), []
+            for i in range(n):
+                outs.append(_staged(path, folder, i, seeds[i], size, clock))
+                if len(outs) == batch or i == n - 1:
+                    clock.t = time.process_time()
+                    torch.stack(outs)
+                    clock.lap("collate")
+                    if r == 0:
+                        for k, o in enumerate(outs):
+                            j = i - len(outs) + 1 + k
+                            ref = ld.DistillImages(folder, size, fast=path != "before")[(j, seeds[j])][0]
+                            assert torch.equal(o, ref), (path, j)
+                    outs = []
+                    clock.t = time.process_time()
+            samples[path].append({stage: ms / n for stage, ms in clock.ms.items()})
+    return {path: {stage: statistics.median(s[stage] for s in samples[path]) for stage in STAGES}
+            for path in PROFILED}
+
+
+def print_profile(prof: dict[str, dict[str, float]], size: int, n: int, rounds: int) -> None:
+    print(f"per-stage CPU ms per image at {size} px, one thread, {n} images, median of {rounds} interleaved rounds")
+    paths = list(prof)
+    print(f"{'stage':20s}" + "".join(f"{p:>10s}" for p in paths))
+    for stage in STAGES:
+        print(f"{stage:20s}" + "".join(f"{prof[p][stage]:10.3f}" for p in paths))
+    totals = {p: sum(prof[p].values()) for p in paths}
+    print(f"{'total':20s}" + "".join(f"{totals[p]:10.3f}" for p in paths))
+    print(f"{'img/s, 2 free cores':20s}" + "".join(f"{2000 / totals[p]:10.0f}" for p in paths))
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -153,6 +269,8 @@ def main() -> None:
     ap.add_argument("--sources", nargs="+", default=None, help="source names to measure (default: all)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved before/after rounds (median shown)")
     ap.add_argument("--per-shard", type=int, default=16)
+    ap.add_argument("--profile-rounds", type=int, default=3,
+                    help="interleaved rounds of the per-stage CPU profile at 256 px over the local folder (0: none)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(1)  # a data worker is one core; the rate per worker is what scales
@@ -161,6 +279,7 @@ def main() -> None:
         work = Path(tmp)
         photos(work / "photos", args.images)
         write_shards(ImageFolder(work / "photos"), work / "shards", args.per_shard)
+        prof = profile(ImageFolder(work / "photos"), 256, args.batch, args.profile_rounds) if args.profile_rounds else None
         with moto_server(work):
             import boto3
 
@@ -216,9 +335,17 @@ def main() -> None:
         print("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if prof:
+        print()
+        print_profile(prof, 256, args.images, args.profile_rounds)
     if args.json:
-        storage.write_json(str(args.json), {"date": date, "machine": machine, "images": args.images,
-                                             "batch": args.batch, "rounds": args.rounds, "rows": rows})
+        record = {"date": date, "machine": machine, "images": args.images, "batch": args.batch, "rounds": args.rounds,
+                  "rows": rows}
+        if prof:
+            record["profile"] = {"size": 256, "rounds": args.profile_rounds, "paths": PROFILED,
+                                 "cpu_ms_per_image": prof,
+                                 "total_cpu_ms": {p: sum(v.values()) for p, v in prof.items()}}
+        storage.write_json(str(args.json), record)
 
 
 if __name__ == "__main__":

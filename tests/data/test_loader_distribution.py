@@ -3,7 +3,9 @@
 Same seed, same box and flip as ``torchvision``'s ``RandomResizedCrop`` + flip on the whole image; files the
 draft does not apply to (PNG, crops under twice the output) give the previous path's tensor bit for bit;
 drafted JPEGs differ from it by a fraction of a grey level on average, with the same per-channel statistics;
-refusals (pixel limit, corrupt files) are skipped and counted as before, from folders and from shards.
+refusals (pixel limit, corrupt files) are skipped and counted as before, from folders and from shards. An
+upright RGB JPEG decoded straight into an array (the crop a view of it) gives Pillow's crop bit for bit, and
+refuses what Pillow's own load refuses.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from eupe.data.decode import UndecodableImage, decode_crop, draft_scale
+from eupe.data.decode import UndecodableImage, decode_crop, decode_crop_pixels, draft_scale
 from eupe.data.folder import ImageFolder
-from eupe.data.loader import DistillImages, StepBatchSampler, augment_bytes, crop_params, step_loader
+from eupe.data.loader import DistillImages, StepBatchSampler, _resized, augment_bytes, crop_params, step_loader
 from eupe.data.sources import ShardStream, stream_loader, write_shards
 
 SIZE = 32  # output side: JPEGs of 100-300 px then have crops of 2x, 4x and 8x it
@@ -138,6 +140,69 @@ def test_exif_orientation_is_applied_before_the_crop_as_before(orientation: int)
         a = augment_bytes(data, "x", 10**9, seed, SIZE).float()
         b = old[(0, seed)][0].float()
         assert a.shape == b.shape and (a - b).abs().mean() < 4
+
+
+def _cropped_by_pillow(data: bytes, seed: int) -> torch.Tensor:
+    """The previous crop-while-decoding path: the box cut by Pillow (decode_crop), copied out, resized."""
+    drawn = []
+
+    def crop(height: int, width: int) -> tuple[int, int, int, int]:
+        drawn.append(crop_params(seed, height, width))  # the upright size, as the loader draws it
+        return drawn[-1][:4]
+
+    cut, _ = decode_crop(data, "x", SIZE, crop)
+    return _resized(torch.from_numpy(np.array(cut)).permute(2, 0, 1), SIZE, drawn[-1][4])
+
+
+def _encoded(pixels: np.ndarray, mode: str = "RGB", **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def test_jpegs_decoded_into_an_array_are_pillows_crop_bit_for_bit(folder: Path) -> None:
+    """An upright RGB JPEG is decoded straight into an RGBX array and the box is a view of it: same pixels as
+    Pillow's crop, same 4-channel resize values; other JPEGs (grey, CMYK, progressive, rotated) as before."""
+    source = ImageFolder(folder)
+    for i in range(len(source)):
+        data = source.read_bytes(i)
+        for seed in (i, 10_000 + i, 20_000 + i):
+            pixels, scale = decode_crop_pixels(data, "x", SIZE, lambda h, w: crop_params(seed, h, w)[:4])
+            cut, scale_before = decode_crop(data, "x", SIZE, lambda h, w: crop_params(seed, h, w)[:4])
+            assert pixels.shape == (cut.height, cut.width, 4) and scale == scale_before
+            assert np.array_equal(pixels[..., :3], np.asarray(cut))
+            assert torch.equal(augment_bytes(data, "x", 10**9, seed, SIZE), _cropped_by_pillow(data, seed))
+    pixels = _photo(np.random.default_rng(5), 240, 176)
+    others = [_encoded(pixels, "L"), _encoded(pixels, "CMYK"), _encoded(pixels, progressive=True),
+              _jpeg(pixels, orientation=6)]
+    for data in others:
+        for seed in range(4):
+            assert torch.equal(augment_bytes(data, "x", 10**9, seed, SIZE), _cropped_by_pillow(data, seed))
+    assert decode_crop_pixels(others[2], "x", SIZE, lambda h, w: (0, 0, h, w))[0].shape[2] == 4  # progressive
+    assert decode_crop_pixels(others[0], "x", SIZE, lambda h, w: (0, 0, h, w))[0].shape[2] == 3  # grey: Pillow's
+
+
+def test_jpegs_decoded_into_an_array_are_refused_as_by_pillow(folder: Path) -> None:
+    """Truncated and corrupted JPEGs: the same refusal (or the same pixels) as Pillow's own load."""
+    source = ImageFolder(folder)
+    rng = np.random.default_rng(9)
+    for k in range(60):
+        data = bytearray(source.read_bytes(k % len(source)))
+        if k % 3 == 0:
+            data = data[: int(rng.integers(2, len(data)))]
+        else:
+            for p in rng.integers(0, len(data), int(rng.integers(1, 12))):
+                data[p] = int(rng.integers(0, 256))
+        outcome = []
+        for crop_of in (augment_bytes, lambda d, *a: _cropped_by_pillow(d, a[2])):
+            try:
+                outcome.append(crop_of(bytes(data), "x", 10**9, k, SIZE))
+            except UndecodableImage as e:
+                outcome.append(e.reason)
+        if isinstance(outcome[0], str) or isinstance(outcome[1], str):
+            assert outcome[0] == outcome[1], k
+        else:
+            assert torch.equal(outcome[0], outcome[1]), k
 
 
 def test_refusals_are_the_decoders() -> None:

@@ -22,12 +22,12 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from eupe.errors import EupeError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "MAX_IMAGE_BYTES", "Decoded", "UndecodableImage", "decode", "decode_full",
-           "decode_crop", "draft_scale", "too_large"]
+           "decode_crop", "decode_crop_pixels", "draft_scale", "too_large"]
 
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own warning limit (~ 13400 x 13400); validation.max_pixels' default
 MAX_IMAGE_BYTES = 128 << 20  # one image file (or .tar member) is read whole: a larger one is skipped, never read
@@ -169,16 +169,10 @@ def draft_scale(width: int, height: int, crop: tuple[int, int], size: int, exact
     return 1
 
 
-def decode_crop(data: bytes, uri: str, size: int, crop: Callable[[int, int], tuple[int, int, int, int]],
-                max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True) -> tuple[Image.Image, int]:
-    """A crop of ``data`` as an RGB image, the file decoded no larger than a ``size``-pixel output needs.
-
-    ``crop(height, width)`` gets the size of the upright image (EXIF orientation applied) from the header
-    and returns the box ``(top, left, height, width)`` to cut. With ``draft``, a JPEG whose box has at least
-    ``2 * size`` pixels on its shorter side is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling
-    (Pillow's draft mode), and the box is mapped onto the reduced image (rounded to its pixels: a shift
-    under half a reduced pixel). Returns ``(the cut, scale)``; the same refusals as :func:`decode`.
-    """
+def _plan_crop(data: bytes, uri: str, size: int, crop: Callable[[int, int], tuple[int, int, int, int]],
+               max_pixels: int, draft: bool) -> tuple[Image.Image, int, tuple[int, int, int, int], int]:
+    """The opened image (header only, draft applied), its EXIF orientation, the crop box ``(left, top, right,
+    bottom)`` on the image as it will be decoded (upright, reduced by the scale), and the scale."""
     im = _open(data, uri, max_pixels)
     width, height = im.size
     stored_width = width
@@ -193,14 +187,71 @@ def decode_crop(data: bytes, uri: str, size: int, crop: Callable[[int, int], tup
         except Exception:  # noqa: BLE001 - a JPEG that refuses the reduced decode is decoded whole
             drafted = None
         scale = round(stored_width / drafted[1][2]) if drafted else 1  # the scale libjpeg was given, or 1
+    if scale > 1:  # the reduced image is ceil(side / scale) pixels: orientation only swaps the sides
+        reduced_w, reduced_h = im.size if orientation not in (5, 6, 7, 8) else im.size[::-1]
+        right, bottom = min(round((left + w) / scale), reduced_w), min(round((top + h) / scale), reduced_h)
+        return im, orientation, (round(left / scale), round(top / scale), right, bottom), scale
+    return im, orientation, (left, top, left + w, top + h), 1
+
+
+def decode_crop(data: bytes, uri: str, size: int, crop: Callable[[int, int], tuple[int, int, int, int]],
+                max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True) -> tuple[Image.Image, int]:
+    """A crop of ``data`` as an RGB image, the file decoded no larger than a ``size``-pixel output needs.
+
+    ``crop(height, width)`` gets the size of the upright image (EXIF orientation applied) from the header
+    and returns the box ``(top, left, height, width)`` to cut. With ``draft``, a JPEG whose box has at least
+    ``2 * size`` pixels on its shorter side is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling
+    (Pillow's draft mode), and the box is mapped onto the reduced image (rounded to its pixels: a shift
+    under half a reduced pixel). Returns ``(the cut, scale)``; the same refusals as :func:`decode`.
+    """
+    im, _, box, scale = _plan_crop(data, uri, size, crop, max_pixels, draft)
     rgb = _load_rgb(im, uri)
-    if scale > 1:
-        right, bottom = min(round((left + w) / scale), rgb.width), min(round((top + h) / scale), rgb.height)
-        left, top = round(left / scale), round(top / scale)
-    else:
-        right, bottom = left + w, top + h
     try:
-        return rgb.crop((left, top, right, bottom)), scale
+        return rgb.crop(box), scale
+    except Exception as e:  # noqa: BLE001
+        raise UndecodableImage(uri, _reason(e)) from None
+
+
+def _decode_rgbx(im: Image.Image, data: bytes, uri: str) -> np.ndarray | None:
+    """The pixels of an opened plain RGB JPEG (one tile, draft applied) decoded by Pillow's own JPEG decoder
+    straight into a ``[H, W, 4]`` uint8 array (RGBX, Pillow's in-memory layout of RGB), which the caller then
+    slices: no copy out of Pillow, no crop copy. None for anything else (the caller decodes it as before).
+    The bytes are those ``ImageFile.load`` would feed the same decoder, so are the pixels and the refusals:
+    bytes ending before the image does are "truncated", a decoder error "corrupt"."""
+    if im.format != "JPEG" or im.mode != "RGB" or len(im.tile) != 1 or im.tile[0][0] != "jpeg":
+        return None
+    name, extents, offset, args = im.tile[0]
+    width, height = im.size
+    pixels = np.empty((height, width, 4), np.uint8)
+    target = Image.frombuffer("RGBX", (width, height), pixels, "raw", "RGBX", 0, 1)  # Pillow's view of the array
+    decoder = Image._getdecoder("RGBX", name, args, im.decoderconfig)
+    try:
+        decoder.setimage(target.im, extents)
+        consumed, err = decoder.decode(memoryview(data)[offset:])
+    except Exception as e:  # noqa: BLE001 - decoder errors are per file, never a crash of the step
+        raise UndecodableImage(uri, _reason(e)) from None
+    finally:
+        decoder.cleanup()
+    if consumed >= 0:  # the decoder wants more bytes than the file has
+        raise UndecodableImage(uri, "truncated")
+    if err < 0:
+        raise UndecodableImage(uri, _reason(ImageFile._get_oserror(err, encoder=False)))
+    return pixels
+
+
+def decode_crop_pixels(data: bytes, uri: str, size: int, crop: Callable[[int, int], tuple[int, int, int, int]],
+                       max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True) -> tuple[np.ndarray, int]:
+    """:func:`decode_crop` as a uint8 ``[h, w, C]`` array: the same box, scale, pixels and refusals. An upright
+    RGB JPEG is decoded straight into an array and the box is a view of it (``C`` = 4, RGBX: the fourth
+    channel is padding); any other file goes through :func:`decode_crop` (``C`` = 3, read-only)."""
+    im, orientation, box, scale = _plan_crop(data, uri, size, crop, max_pixels, draft)
+    pixels = _decode_rgbx(im, data, uri) if orientation == 1 else None
+    if pixels is not None:
+        left, top, right, bottom = box
+        return pixels[top:bottom, left:right], scale
+    rgb = _load_rgb(im, uri)
+    try:
+        return np.asarray(rgb.crop(box)), scale
     except Exception as e:  # noqa: BLE001
         raise UndecodableImage(uri, _reason(e)) from None
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from eupe.data.decode import decode_crop
+from eupe.data.decode import decode_crop_pixels
 from eupe.data.folder import ImageFolder, ImageSource
 from eupe.data.sources import Mixture, S3ImageFolder, read_sample
 
@@ -66,7 +66,9 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         return (self.total - self.start) * (self.per_rank // self.micro)
 
 
-_LOG_RATIO = torch.log(torch.tensor([3 / 4, 4 / 3]))  # RandomResizedCrop's default ratio range, as it computes it
+# RandomResizedCrop's default ratio range as it computes it (float32 logs), held as Python floats: the same
+# doubles reach ``uniform_`` without indexing a tensor per draw
+_LOG_RATIO = tuple(float(v) for v in torch.log(torch.tensor([3 / 4, 4 / 3])))
 
 
 def crop_params(seed: int, height: int, width: int, scale: Sequence[float] = (0.35, 1.0),
@@ -99,24 +101,29 @@ def crop_params(seed: int, height: int, width: int, scale: Sequence[float] = (0.
     return top, left, h, w, flip
 
 
-def _chw(image: Image.Image) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` view (channels-last in memory) of an RGB image: one copy out of Pillow.
-    Read-only memory (Pillow's bytes): only for tensors that are read, never written, as a resize's input."""
+def _chw(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 ``[C, H, W]`` view (channels-last in memory, no copy) of ``[H, W, C]`` pixels. Read-only memory
+    (Pillow's bytes) is only ever read here, as a resize's input."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "non-writable tensor": it is only read
-        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+        return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def _resized(crop: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
-    """The crop resized to ``size`` x ``size`` and flipped as the previous path did (``TF.resized_crop``)."""
+    """The crop resized to ``size`` x ``size`` and flipped as the previous path did (``TF.resized_crop``).
+    A 4-channel (RGBX) crop is resized as is (torch's uint8 kernel works on 4 channels anyway, so the RGB
+    values are the same bit for bit) and the padding channel dropped."""
     out = TF.resize(crop, [size, size], antialias=True)
+    if out.shape[0] == 4:
+        out = out[:3]
     return TF.horizontal_flip(out) if flip else out
 
 
 def augment_bytes(data: bytes, uri: str, max_pixels: int, seed: int, size: int,
                   scale: Sequence[float] = (0.35, 1.0), hflip: bool = True, draft: bool = True) -> torch.Tensor:
     """The training crop of an undecoded file: uint8 ``[3, size, size]``, decoded no larger than the crop
-    needs (:func:`eupe.data.decode.decode_crop`); :class:`UndecodableImage` as :func:`decode`."""
+    needs and, for an upright RGB JPEG, straight into the array the crop is a view of
+    (:func:`eupe.data.decode.decode_crop_pixels`); :class:`UndecodableImage` as :func:`decode`."""
     flip = False
 
     def crop(height: int, width: int) -> tuple[int, int, int, int]:
@@ -124,15 +131,15 @@ def augment_bytes(data: bytes, uri: str, max_pixels: int, seed: int, size: int,
         top, left, h, w, flip = crop_params(seed, height, width, scale, hflip)
         return top, left, h, w
 
-    cut, _ = decode_crop(data, uri, size, crop, max_pixels, draft)
-    return _resized(_chw(cut), size, flip)
+    pixels, _ = decode_crop_pixels(data, uri, size, crop, max_pixels, draft)
+    return _resized(_chw(pixels), size, flip)
 
 
 def augment_image(image: Image.Image, seed: int, size: int, scale: Sequence[float] = (0.35, 1.0),
                   hflip: bool = True) -> torch.Tensor:
     """The training crop of a decoded RGB image (only the box leaves Pillow), as :func:`augment_bytes`."""
     top, left, h, w, flip = crop_params(seed, image.height, image.width, scale, hflip)
-    return _resized(_chw(image.crop((left, top, left + w, top + h))), size, flip)
+    return _resized(_chw(np.asarray(image.crop((left, top, left + w, top + h)))), size, flip)
 
 
 def _file_source(source: ImageSource, index: int) -> tuple[ImageFolder | S3ImageFolder, int] | None:
