@@ -11,7 +11,8 @@ over ``.tar`` shards) on photo-like JPEGs (quality 90, 500x375 to 1024x768, land
 
 "before" is the previous path (``fast=False``: the whole image decoded, then cropped and resized as a tensor),
 "after" the default one (``fast=True``: the crop drawn from the header's size, a JPEG decoded at 1/2, 1/4 or
-1/8 scale when the crop keeps the output's resolution there, only the crop converted to a tensor). Both run
+1/8 scale when the crop keeps the output's resolution there, an upright RGB JPEG decoded straight into an array
+whose crop is a view, resized on the tensor). Both run
 in the same process, interleaved (before, after, after, before, ...) for ``--rounds`` rounds; the median
 round is shown, and the ratio after / before. Sizes: 256 (default), 512, and "stage3": crops at 512 then
 one antialiased resize per batch to a size drawn from the 256/384/512 pyramid (``targets.prepare``).
@@ -20,8 +21,13 @@ work is in it, so it moves less than wall time on a shared, loaded machine: 2000
 would reach with two workers). The S3 API is a ``moto_server`` started here on a free loopback
 port (the same helper as the tests), so "s3" is HTTP on loopback: it measures the client path, not a network.
 
+First, ``--profile-rounds`` (default 3, 0: none) times each stage of one sample (read, header, crop parameters,
+decode, crop, to tensor, resize, flip, collate) in CPU ms per image, one thread, over the local folder at 256 px,
+for three paths: "before" (``fast=False``), "e3ac954" (crop while decoding, the box cut by Pillow and copied
+out: the previous "after") and "after"; each staged output is checked against ``DistillImages``' bit for bit.
+
     .venv/bin/python benchmarks/data_throughput.py [--images 160] [--batch 16] [--workers 0 2] [--sizes 256]
-        [--rounds 3] [--json benchmarks/results/data_throughput.json]
+        [--rounds 3] [--profile-rounds 3] [--json benchmarks/results/data_throughput.json]
 """
 
 from __future__ import annotations
@@ -274,6 +280,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(1)  # a data worker is one core; the rate per worker is what scales
+    load_before = os.getloadavg()  # the machine's other work: wall rates and, less, CPU ms depend on it
 
     with tempfile.TemporaryDirectory(prefix="eupe-bench-") as tmp:
         work = Path(tmp)
@@ -320,9 +327,10 @@ def main() -> None:
                               f"  x{after / before:.2f}", file=sys.stderr, flush=True)
 
     machine = f"{cpu_model()}, {os.cpu_count()} CPUs"
+    load = [round(v, 2) for v in (*load_before, *os.getloadavg())]  # 1/5/15-minute load before, then after
     date = datetime.date.today().isoformat()
     print(f"data throughput {date}: {args.images} JPEGs of 500x375 to 1024x768 (q{JPEG_QUALITY}), batch {args.batch}, "
-          f"{machine}, torch threads 1, median of {args.rounds} interleaved rounds")
+          f"{machine}, torch threads 1, median of {args.rounds} interleaved rounds, load average {load[:3]} -> {load[3:]}")
     def ms(v: float | None) -> str:
         return "" if v is None else f"{v:.2f}"
 
@@ -339,8 +347,8 @@ def main() -> None:
         print()
         print_profile(prof, 256, args.images, args.profile_rounds)
     if args.json:
-        record = {"date": date, "machine": machine, "images": args.images, "batch": args.batch, "rounds": args.rounds,
-                  "rows": rows}
+        record = {"date": date, "machine": machine, "load_average_before_after": load, "images": args.images,
+                  "batch": args.batch, "rounds": args.rounds, "rows": rows}
         if prof:
             record["profile"] = {"size": 256, "rounds": args.profile_rounds, "paths": PROFILED,
                                  "cpu_ms_per_image": prof,

@@ -11,7 +11,9 @@ Raw bytes in, an RGB :class:`PIL.Image.Image` out, or :class:`UndecodableImage` 
 
 :func:`decode_crop` is the training path: the crop is chosen from the header's size, and a JPEG
 is decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft mode) when the crop still has every pixel the
-output keeps; the same refusals apply, from the full size in the header.
+output keeps; the same refusals apply, from the full size in the header. :func:`decode_crop_pixels` is the
+same crop as an array: an upright RGB JPEG is decoded by Pillow's JPEG decoder straight into a numpy RGBX
+buffer and the crop is a view of it (no copy of the crop, none out of Pillow), bit for bit Pillow's pixels.
 """
 
 from __future__ import annotations
@@ -217,17 +219,19 @@ def _decode_rgbx(im: Image.Image, data: bytes, uri: str) -> np.ndarray | None:
     straight into a ``[H, W, 4]`` uint8 array (RGBX, Pillow's in-memory layout of RGB), which the caller then
     slices: no copy out of Pillow, no crop copy. None for anything else (the caller decodes it as before).
     The bytes are those ``ImageFile.load`` would feed the same decoder, so are the pixels and the refusals:
-    bytes ending before the image does are "truncated", a decoder error "corrupt"."""
+    bytes ending before the image does are "truncated", a decoder error the reason its load gives."""
     if im.format != "JPEG" or im.mode != "RGB" or len(im.tile) != 1 or im.tile[0][0] != "jpeg":
         return None
     name, extents, offset, args = im.tile[0]
     width, height = im.size
     pixels = np.empty((height, width, 4), np.uint8)
     target = Image.frombuffer("RGBX", (width, height), pixels, "raw", "RGBX", 0, 1)  # Pillow's view of the array
+    # Pillow's own plugin API (what ImageFile.load calls); outside the try below: were it to change, every
+    # image would fail here loudly rather than be skipped as undecodable.
     decoder = Image._getdecoder("RGBX", name, args, im.decoderconfig)
+    decoder.setimage(target.im, extents)  # the decoder writes into the array's memory, all of it
     try:
-        decoder.setimage(target.im, extents)
-        consumed, err = decoder.decode(memoryview(data)[offset:])
+        consumed, err = decoder.decode(memoryview(data)[offset:])  # the whole file at once: no chunking
     except Exception as e:  # noqa: BLE001 - decoder errors are per file, never a crash of the step
         raise UndecodableImage(uri, _reason(e)) from None
     finally:

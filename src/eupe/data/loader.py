@@ -8,7 +8,9 @@ Training crops are cut while decoding (:func:`augment_bytes`): the random-resize
 from the size in the file's header, and a JPEG is decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft
 mode) when the box keeps at least the output's resolution there; box, scale/ratio ranges and flip are
 drawn exactly as ``torchvision``'s ``RandomResizedCrop`` + flip on the whole image (same seed, same
-box), and the box is resized bilinear with antialiasing as before. ``fast=False`` keeps the previous
+box), and the box is resized bilinear with antialiasing as before. An upright RGB JPEG is decoded straight
+into an RGBX array whose crop is a view (no copy of the crop), resized on its four channels (torch's uint8
+kernel pads RGB to four anyway: the same values), the padding dropped. ``fast=False`` keeps the previous
 path (whole image decoded, crop on a tensor) for ``benchmarks/data_throughput.py``'s "before".
 """
 
