@@ -21,7 +21,7 @@ Adding a step is one entry here. The module imports nothing heavy: DAG files par
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 REF = re.compile(r"\{([^{}]+)\}")
 
@@ -194,4 +194,21 @@ FINETUNE = Pipeline(
               "lr": ("stage2.lr", "stage3.lr")},
 )
 
-PIPELINES = {p.name: p for p in (RETRAIN, FINETUNE)}
+# The paper's ablation (stage 2 only / 1+2 / 1+2+3, and proxy -> teaching assistant -> student), one fanned-out
+# element per seed, each a chain of the ordinary normalize/train/evaluate commands; then the table over the seeds.
+ABLATION_RUN = Step("ablation", (
+    "ablation", "run", *CONFIG, *DATA, *TEACHERS, "--seed", "{item:seed}", "--out", "{out}"),
+    {"ablation": "ablation.json"}, GPU_TRAIN, retries=3, resumable=True, expand="ablation_seeds", after=("validate",))
+ABLATION_REPORT = Step("ablation_report", ("ablation", "report", "--run", "{all:ablation}", "--out", "{out}"),
+                       {"table": "ablation.md", "plot": "ablation.png", "json": "ablation.json"},
+                       Resources(cpu="1", memory="2Gi"))
+ABLATION = Pipeline(
+    "eupe_ablation",
+    "The paper's ablation on your data: the teachers straight into the student (stage 2 only), through the proxy "
+    "(stages 1+2), with stage 3 (1+2+3) and through a teaching assistant, on the same data and budget, once per "
+    "seed; ends with the paper's table (mean +- std) and a PNG.",
+    (VALIDATE, replace(TEACHERS_ZOO, skip_if=None), ABLATION_RUN, ABLATION_REPORT),
+    params={"config": "configs/demo.yaml", "dataset_uri": "data", "seeds": ""},
+)
+
+PIPELINES = {p.name: p for p in (RETRAIN, FINETUNE, ABLATION)}

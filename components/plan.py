@@ -59,7 +59,20 @@ def trained_checkpoints(run: PipelineRun) -> list[dict]:
     return rows
 
 
+def ablation_seeds(run: PipelineRun) -> list[dict]:
+    """One ablation run per seed: the ``seeds`` parameter (comma-separated), else the recipe's ``ablation.seeds``."""
+    listed = [s.strip() for s in str(run.params.get("seeds") or "").split(",") if s.strip()]
+    bad = [s for s in listed if not s.lstrip("-").isdigit()]
+    if bad:
+        from eupe.errors import EupeError
+
+        raise EupeError(f"parameter seeds {run.params.get('seeds')!r}: expected integers separated by commas")
+    seeds = [int(s) for s in listed] or _config(run).ablation.seeds
+    return [{"name": f"seed{s}", "seed": s} for s in dict.fromkeys(seeds)]
+
+
 PLANNERS: dict[str, Callable[[PipelineRun], list[dict]]] = {
+    "ablation_seeds": ablation_seeds,
     "export_variants": export_variants,
     "latency_runs": latency_runs,
     "trained_checkpoints": trained_checkpoints,

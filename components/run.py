@@ -8,6 +8,7 @@ so a step needs nothing from the engine but the run's folder and its parameters.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,8 @@ class PipelineRun:
     def result(self, step: str, item: dict | None = None) -> dict:
         uri = join(self.out(step, item), RESULT_FILE)
         try:
+            if not uri.startswith("s3://") and not os.path.isfile(uri):
+                raise FileNotFoundError(uri)
             return read_result(self.out(step, item))
         except (FileNotFoundError, OSError) as e:
             raise UnresolvedReference(f"{step} has no result ({uri}): did it run?") from e

@@ -14,6 +14,8 @@ LATENCY_KEYS = ("median_ms", "p90_ms", "budget_ms", "passed")
 
 
 def build_summary(run: PipelineRun) -> dict:
+    if any(s.name == "ablation_report" for s in run.pipeline.steps):
+        return ablation_summary(run)
     summary: dict = {"run": run.root, "run_id": run.run_id, "pipeline": run.pipeline.name, "stages": {}}
     for n in (1, 2, 3):
         try:
@@ -75,7 +77,19 @@ def compare_table(compare: dict) -> list[str]:
             "depth. random student: the student's architecture, randomly initialised (seeded)."]
 
 
+def ablation_summary(run: PipelineRun) -> dict:
+    """The ablation pipeline ends with its report: the paper's table over the seeds, and its PNG."""
+    from eupe import storage
+
+    r = run.result("ablation_report")
+    return {"run": run.root, "run_id": run.run_id, "pipeline": run.pipeline.name, "provenance": r.get("provenance"),
+            "ablation": storage.read_json(r["artifacts"]["json"]), "plot": r["artifacts"]["plot"],
+            "ablation_table": storage.read_bytes(r["artifacts"]["table"]).decode()}
+
+
 def format_table(summary: dict) -> str:
+    if "ablation_table" in summary:
+        return summary["ablation_table"].rstrip() + f"\n\nplot: {summary['plot']}"
     rows = [("stage", "first loss", "last loss", "steps", "img/s", "checkpoint")]
     for name, s in summary["stages"].items():
         rows.append((name, f"{s['first_loss']:.4f}", f"{s['last_loss']:.4f}", str(s["steps"]),

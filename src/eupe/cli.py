@@ -16,6 +16,7 @@ from pathlib import Path
 from eupe.commands import TEACHERS_HELP, config_args, input_overrides, load
 from eupe.data import commands as data_commands
 from eupe import __version__, invocation
+from eupe.ablation import commands as ablation_commands
 from eupe.errors import EupeError, Preempted
 from eupe.evaluate import commands as evaluate_commands
 from eupe.export import commands as export_commands
@@ -25,7 +26,8 @@ from eupe.teachers import commands as teachers_commands
 
 # Modules with a ``register(subparsers)`` that adds top-level steps (kept out of this file so that
 # each step's flags live next to its code).
-STEP_COMMANDS: list = [evaluate_commands, export_commands, registry_commands, plan_commands, teachers_commands]
+STEP_COMMANDS: list = [evaluate_commands, export_commands, registry_commands, plan_commands, teachers_commands,
+                      ablation_commands]
 
 
 RANDOM_PROXY_HELP = ("stages 2-3 without proxy weights (--proxy, proxy.weights): distil a randomly initialised proxy "

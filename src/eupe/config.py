@@ -274,6 +274,25 @@ def _paper_teachers() -> list[TeacherSpec]:
     ]
 
 
+class AblationConfig(_Strict):
+    """``eupe ablation run``: the paper's ablation (its Table: stage 2 only vs 1+2 vs 1+2+3) and the
+    teaching-assistant chain, on the recipe's data and budget, once per seed."""
+
+    # direct: the teachers straight into the student (stage 2 only: stage 1's multi-teacher distillation with the
+    # student in the proxy's place, on stage 2's budget); proxy: stages 1+2; full: 1+2+3; ta: proxy -> ta -> student
+    arms: list[Literal["direct", "proxy", "full", "ta"]] = Field(
+        default_factory=lambda: ["direct", "proxy", "full", "ta"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    ta: ModelSpec | None = None  # the teaching assistant between proxy and student (arm ta); None: no ta arm
+
+    @field_validator("arms")
+    @classmethod
+    def _arms_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each arm once, got {v}")
+        return v
+
+
 class Config(_Strict):
     name: str = "eupe"
     seed: int = 0
@@ -291,6 +310,7 @@ class Config(_Strict):
     export: ExportConfig = ExportConfig()
     latency: LatencyConfig = LatencyConfig()
     distributed: DistributedConfig = DistributedConfig()
+    ablation: AblationConfig = AblationConfig()
     stage1: StageConfig = StageConfig(
         iters=390_000, batch_size=8192, lr=2e-5, adapter_hidden=1536, resolutions=[448]
     )

@@ -28,7 +28,10 @@ def test_edges_come_from_the_references_and_gates():
     assert needs["teachers"] == {"validate"} and "teachers" in needs["train_stage1"] and "teachers" in needs["compare"]
     assert needs["compare"] == {"teachers", "train_stage1", "train_stage3"}  # every encoder, beside the student's gate
     assert "train_stage1" not in {n for s in FINETUNE.steps for n in s.needs}
-    assert sorted(PIPELINES) == ["eupe_domain_finetune", "eupe_retrain"]
+    assert sorted(PIPELINES) == ["eupe_ablation", "eupe_domain_finetune", "eupe_retrain"]
+    ablation = {s.name: set(s.needs) for s in PIPELINES["eupe_ablation"].steps}
+    assert ablation == {"validate": set(), "teachers": {"validate"}, "ablation": {"teachers", "validate"},
+                        "ablation_report": {"ablation"}}  # one ablation element per seed, the report over all
 
 
 def test_a_step_reading_a_later_or_unknown_step_is_refused_at_declaration():
@@ -44,8 +47,9 @@ def test_commands_resolve_upstream_outputs_params_and_alternatives(tmp_path):
     _done(run, "validate", {"manifest": "m.parquet"})
     _done(run, "train_stage1", {"encoder": "proxy.safetensors"})
     argv = run.command(RETRAIN.step("normalize_stage2"))
-    assert argv == ["normalize", "--config", "c.yaml", "--data", "s3://b/lvd/", "--proxy", "proxy.safetensors",
-                    "--manifest", "m.parquet", "--stage", "2", "--out", run.out("normalize_stage2")]
+    proxy = f"{run.out('train_stage1')}/proxy.safetensors"  # result.json names it relative to itself
+    assert argv == ["normalize", "--config", "c.yaml", "--data", "s3://b/lvd/", "--proxy", proxy,
+                    "--manifest", f"{run.out('validate')}/m.parquet", "--stage", "2", "--out", run.out("normalize_stage2")]
     reused = PipelineRun.create(RETRAIN, str(tmp_path), "r2", {"proxy": "s3://models/proxy.safetensors"})
     assert reused.skipped(RETRAIN.step("train_stage1")) and not reused.skipped(RETRAIN.step("train_stage2"))
     _done(reused, "validate", {"manifest": "m.parquet"})

@@ -65,14 +65,16 @@ def test_every_step_is_a_task_with_its_resources_retries_and_image(compiled, nam
         retry = task["retryPolicy"]
         assert retry["maxRetryCount"] == step.retries and retry["backoffDuration"] == "60s"
         assert retry["backoffFactor"] == 2
-        cached = step.name.startswith(("validate", "version", "normalize", "export", "evaluate", "compare"))
+        cached = step.name.startswith(("validate", "version", "normalize", "export", "evaluate", "compare",
+                                        "ablation_report"))
         assert task["cachingOptions"].get("enableCache", False) is cached, step.name
         assert any(a == "--function_to_execute" for a in container["args"])  # a lightweight component
         assert "components.kfp_components" in container["command"][-1]  # which runs the step's entry point
         assert ("parameterIterator" in tasks[groups[-1]][0]) == bool(step.expand) if groups else not step.expand
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.test/eupe:kfp-test", "registry.test/eupe-cuda:kfp-test"}
-    assert not tasks["promote"][0]["cachingOptions"].get("enableCache", False)
+    if "promote" in tasks:  # (the ablation publishes nothing)
+        assert not tasks["promote"][0]["cachingOptions"].get("enableCache", False)
 
 
 def test_one_image_setting_reaches_every_executor(tmp_path, monkeypatch):
@@ -85,7 +87,16 @@ def test_one_image_setting_reaches_every_executor(tmp_path, monkeypatch):
     assert {e["container"]["image"] for e in executors.values()} == {"registry.test/eupe:only"}
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_the_ablation_fans_out_per_seed_and_reports_over_all(compiled):
+    tasks = _tasks(compiled["eupe_ablation"])
+    loops = {n for n, (t, _) in tasks.items() if "parameterIterator" in t}
+    assert len(loops) == 1 and "ablation-all" in tasks and "plan-ablation" in tasks
+    loop = tasks[tasks["ablation"][1][-1]][0]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-ablation-Output"
+    assert "promote" not in tasks and "ablation-report" in tasks
+
+
+@pytest.mark.parametrize("name", sorted(set(PIPELINES) - {"eupe_ablation"}))
 def test_fan_out_and_gates_guard_promote(compiled, name):
     spec = compiled[name]
     tasks = _tasks(spec)

@@ -121,7 +121,7 @@ def test_both_dags_parse_fast_without_errors_and_have_the_graphs_edges(tmp_path)
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     for mode, r in result.items():
         print(f"{mode}: DagBag filled in {r['wall_s']:.2f} s; per file {r['files_s']}")
-        assert r["errors"] == {} and sorted(r["upstream"]) == ["eupe_domain_finetune", "eupe_retrain"]
+        assert r["errors"] == {} and sorted(r["upstream"]) == ["eupe_ablation", "eupe_domain_finetune", "eupe_retrain"]
         for name, upstream in r["upstream"].items():
             pipeline = PIPELINES[name]
             expected = {"summary": [pipeline.steps[-1].name]}

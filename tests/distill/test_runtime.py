@@ -14,9 +14,17 @@ def _cfg(tmp_path, **fields):
     return load_config(path)
 
 
-@pytest.mark.parametrize("precision, expected", [("bf16", torch.bfloat16), ("fp32", None), ("auto", None)])
+def _native_bf16() -> bool:
+    from eupe.hardware import cpu_bf16
+
+    return cpu_bf16().native_bf16
+
+
+@pytest.mark.parametrize("precision, expected", [("bf16", torch.bfloat16), ("fp32", None), ("auto", "native")])
 def test_precision_on_the_cpu(tmp_path, precision, expected, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if expected == "native":  # auto: bf16 autocast where the CPU has native bf16 (AMX, AVX512-BF16), else fp32
+        expected = torch.bfloat16 if _native_bf16() else None
     rt = setup(_cfg(tmp_path, device="cpu", precision=precision))
     assert rt.device == torch.device("cpu") and rt.amp_dtype is expected
     assert (rt.rank, rt.world_size, rt.is_main) == (0, 1, True)
