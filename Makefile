@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test kfp bench mutate planted airflow clean-demo lock images
+.PHONY: demo test kfp bench mutate planted airflow clean-demo lock images ablation
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,21 @@ demo: $(STAMP) airflow_home/airflow.db
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+# `make ablation`: the paper's ablation (dags/eupe_ablation.py) on the demo's data and trained teacher zoo, through
+# Airflow like `make demo`: stage 2 only / 1+2 / 1+2+3 / via a teaching assistant, seeds $(ABLATION_SEEDS); the
+# table (mean +- std) and its PNG under artifacts/runs/eupe_ablation/demo/ablation_report/. Log: airflow_home/ablation.log.
+ABLATION_SEEDS ?= 0,1,2
+ablation: $(STAMP) airflow_home/airflow.db
+	$(BIN)/eupe data synth --out data --num-images 384 --size 96 160 --dense
+	@start=$$(date +%s); $(AIRFLOW_ENV) $(BIN)/airflow dags test eupe_ablation $(DEMO_DATE) \
+		-c '{"run_name": "demo", "config": "configs/demo.yaml", "dataset_uri": "data", "seeds": "$(ABLATION_SEEDS)"}' \
+		> airflow_home/ablation.log 2>&1 \
+		|| { grep -E "AirflowFailException|AirflowException|eupe: error" airflow_home/ablation.log | tail -n 20; \
+		     echo "make ablation: the DAG run failed (airflow_home/ablation.log)"; exit 1; }; \
+		echo "DAG run eupe_ablation/demo: success in $$(( $$(date +%s) - start )) s"
+	@$(BIN)/python -m components.task --pipeline eupe_ablation --run-id demo --artifact-root artifacts \
+		--params '{"config": "configs/demo.yaml", "dataset_uri": "data", "seeds": "$(ABLATION_SEEDS)"}' --summary
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 
@@ -74,7 +89,7 @@ images:
 	@bash tools/build_images.sh
 
 # The Kubeflow pipelines (components/kfp_pipeline.py), compiled from the step graph: build/eupe_retrain.yaml and
-# build/eupe_domain_finetune.yaml, to upload to KFP. Images: $${EUPE_IMAGE:-eupe:latest} ($${EUPE_GPU_IMAGE} for the
+# build/eupe_domain_finetune.yaml, build/eupe_ablation.yaml, to upload to KFP. Images: $${EUPE_IMAGE:-eupe:latest} ($${EUPE_GPU_IMAGE} for the
 # GPU steps); artifact root: $${EUPE_ARTIFACT_ROOT:-artifacts} (an s3:// prefix on a cluster).
 kfp: $(STAMP)
 	$(BIN)/python -m components.kfp_pipeline --out build

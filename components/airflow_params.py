@@ -32,6 +32,8 @@ DOCS = {
                       "latency.device_class.",
     "latency_budget_ms": "Budget for the median latency in ms, for every latency run. Empty: the budgets "
                          "file's row.",
+    "seeds": "The ablation's seeds, comma-separated (one run of every arm per seed), e.g. 0,1,2. Empty: the "
+             "recipe's ablation.seeds.",
     "run_name": "Folder of this run under runs/<dag>/ (and the run id in the model's lineage). Empty: the "
                 "Airflow run id. An earlier run's name continues it: its finished steps are up to date.",
 }
