@@ -10,7 +10,7 @@ import pytest
 from components.graph import RETRAIN
 from components.local import finish, run_pipeline
 from components.summary import EVAL_KEYS, STAGE_KEYS
-from conftest import ZOO_ITERS, pipeline_workspace
+from conftest import pipeline_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,7 @@ def test_every_step_ran_and_the_summary_is_the_steps_own(first_run):
         assert r["status"] == "ok" and {k: s[k] for k in STAGE_KEYS} == {k: r["metrics"][k] for k in STAGE_KEYS}
         assert s["checkpoint"] == r["artifacts"]["checkpoint"] and Path(r["artifacts"]["checkpoint_model"]).is_file()
         losses = json.loads(Path(r["artifacts"]["losses"]).read_text())["loss"]
-        n, w = ZOO_ITERS["stages"], ZOO_ITERS["stages"] // 5  # the first loss: the mean of the first 20% of the steps
-        assert len(losses) == s["steps"] == n and s["first_loss"] == pytest.approx(sum(losses[:w]) / w)
+        assert len(losses) == s["steps"] == 12 and s["first_loss"] == sum(losses[:2]) / 2  # 20% of 12 steps
     assert summary["eval"] == {k: _result(run, "evaluate")["metrics"].get(k) for k in EVAL_KEYS}
     assert all(summary["eval"][k] is not None for k in ("knn_top1", "seg_miou", "depth_rmse", "keypoint_pck"))
     labels = _result(run, "evaluate")["metrics"]["knn_chance"]  # the held-out majority share, next to k-NN
@@ -85,3 +84,42 @@ def test_a_second_run_of_the_same_run_finds_every_step_up_to_date(first_run):
     assert {s: _result(again, s)["finished_at"] for s in steps} == before  # nothing was rewritten
     assert _result(again, "promote")["metrics"]["already_production"] is True
 
+
+
+def test_the_summary_compares_teachers_proxy_student_and_a_random_student(first_run):
+    run, _, summary = first_run
+    compare = summary["compare"]
+    rows, chance = compare["rows"], compare["chance"]
+    assert list(rows) == ["pecore", "dinov3", "proxy", "student", "random student"]
+    assert compare["teacher_objectives"] == {"pecore": "semantic", "dinov3": "dense"}
+    assert rows["random student"]["random_init"] and not any(rows[n]["random_init"] for n in ("pecore", "dinov3", "proxy",
+                                                                                              "student"))
+    assert rows["pecore"]["weights"].endswith("teachers/pecore.safetensors")  # the zoo, loaded
+    for k in ("knn_top1", "seg_miou", "depth_rmse", "keypoint_pck"):  # the student's row is the evaluate step's
+        assert rows["student"][k] == pytest.approx(summary["eval"][k], abs=1e-3)
+        assert all(r[k] is not None for r in rows.values())
+    assert set(chance) == {"knn_top1", "seg_miou", "depth_rmse", "keypoint_pck"} and chance["knn_top1"] > 0
+    teachers = _result(run, "teachers")["metrics"]["teachers"]  # each teacher's own held-out numbers
+    assert set(teachers) == {"pecore", "dinov3"} and 0 <= teachers["pecore"]["heldout_accuracy"] <= 1
+    assert 0 <= teachers["dinov3"]["heldout_miou"] <= 1 and teachers["dinov3"]["heldout_depth_rmse"] > 0
+    train1 = _result(run, "train_stage1")["invocation"]["argv"]  # stage 1 distilled the zoo, not random teachers
+    assert train1[train1.index("--teachers") + 1] == run.out("teachers")
+
+
+# The guard the teacher zoo is for. Not met yet: the tiny zoo teachers barely learn the classes in their budget (the
+# demo's semantic teacher 16-22% held-out accuracy, chance 12.5%), so neither proxy nor student inherits anything
+# measurable on 32 (here) or 96 (demo) held-out images; see the compare table of `make demo`.
+STUDENT_KNN_GAIN = 0.05  # k-NN top-1 above the random student's
+STUDENT_SEG_GAIN = 0.02  # seg mIoU above the random student's
+PROXY_KNN_MARGIN = 0.10  # the proxy's k-NN at most this far below the semantic teacher's
+PROXY_SEG_MARGIN = 0.05  # the proxy's seg mIoU at most this far below the dense teacher's
+
+
+@pytest.mark.xfail(reason="the zoo teachers are too weak to transfer anything measurable yet (issue 15)", strict=False)
+def test_the_student_beats_a_random_student_and_the_proxy_inherits_both_teachers(first_run):
+    rows = first_run[2]["compare"]["rows"]
+    student, random_student, proxy = rows["student"], rows["random student"], rows["proxy"]
+    assert student["knn_top1"] >= random_student["knn_top1"] + STUDENT_KNN_GAIN
+    assert student["seg_miou"] >= random_student["seg_miou"] + STUDENT_SEG_GAIN
+    assert proxy["knn_top1"] >= rows["pecore"]["knn_top1"] - PROXY_KNN_MARGIN
+    assert proxy["seg_miou"] >= rows["dinov3"]["seg_miou"] - PROXY_SEG_MARGIN
