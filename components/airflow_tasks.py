@@ -80,9 +80,10 @@ class Settings:
         return s
 
     def nodes(self, step: Step) -> int:
-        """Nodes a step runs on in cluster mode: a training step (resumable, ``train_*``) its stage's
-        ``train_nodes_<stage>`` or else ``train_nodes``; any other step one. Embedded mode: always one."""
-        if self.mode != "cluster" or not (step.resumable or step.name.startswith("train_")):
+        """Nodes a step runs on in cluster mode: a distillation stage (``train_*``) its stage's
+        ``train_nodes_<stage>`` or else ``train_nodes``; any other step one (the teacher zoo and the ablation are
+        resumable, yet single-process). Embedded mode: always one."""
+        if self.mode != "cluster" or not step.name.startswith("train_"):
             return 1
         return max(1, getattr(self, f"train_nodes_{step.name.removeprefix('train_')}", 0) or self.train_nodes)
 

@@ -186,8 +186,9 @@ def test_with_train_nodes_the_training_steps_are_pytorchjobs_and_the_rest_pods(a
     dag = airflow_here.build_dag(RETRAIN, schedule=None, settings=settings(airflow_here, template, train_nodes=2))
     kinds = {t.task_id: (t.operator_class.__name__ if hasattr(t, "operator_class") else type(t).__name__)
              for t in dag.tasks}
-    training = {s.name for s in RETRAIN.steps if s.resumable}
+    training = {s.name for s in RETRAIN.steps if s.name.startswith("train_")}
     assert training == {"train_stage1", "train_stage2", "train_stage3"}
+    assert RETRAIN.step("teachers").resumable  # resumable, but one process: a pod, not a PyTorchJob
     assert {t for t, k in kinds.items() if k == "EupePyTorchJobOperator"} == training
     assert {k for t, k in kinds.items() if t not in training} == {"EupePodOperator"}
     task = dag.task_dict["train_stage2"]

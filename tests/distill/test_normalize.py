@@ -4,6 +4,7 @@ import hashlib
 import pytest
 import torch
 
+from eupe import storage
 from eupe.cli import main
 from eupe.distill.normalize import FeatureStats, StatsAccumulator, load_stats, save_stats
 from eupe.errors import EupeError
@@ -143,7 +144,7 @@ def test_normalize_step_equals_the_statistics_of_its_images_centre_cropped(tiny_
 
     out = tmp_path / "norm1"
     assert main(["normalize", "--config", str(tiny_config), "--stage", "1", "--out", str(out)]) == 0
-    result = json.loads((out / "result.json").read_text())
+    result = storage.read_result(out)  # artifact paths resolved (written relative to result.json)
     assert result["step"] == "normalize-stage1" and result["artifacts"]["stats"] == str(out / "norm.safetensors")
     m = result["metrics"]
     assert (m["num_images"], m["selection"], m["manifest"], m["strata"]) == (32, "random", None, None)

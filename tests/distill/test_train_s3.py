@@ -48,7 +48,7 @@ def test_a_run_killed_on_one_node_resumes_on_another_from_the_bucket(recipe: Pat
     eupe(*stage2_args(recipe, stage2_norm, whole, ITERS))
     finish(resumed, logs["resumed"])
 
-    result = storage.read_json(f"{out}/result.json")
+    result = storage.read_result(out)
     assert result["status"] == "ok" and result["metrics"]["steps_this_run"] == ITERS - killed_at
     art = result["artifacts"]
     assert art["checkpoint"] == f"{out}/checkpoints/step_{ITERS:08d}"
@@ -76,7 +76,7 @@ def test_normalize_into_s3_then_train_reads_its_stats_from_the_bucket(recipe: Pa
 
     norm = f"s3://{s3_bucket}/runs/r2/normalize_stage2"
     eupe("normalize", "--config", recipe, "--stage", 2, "--random-proxy", "--out", norm)
-    result = storage.read_json(f"{norm}/result.json")
+    result = storage.read_result(norm)
     assert result["status"] == "ok" and result["artifacts"]["stats"] == f"{norm}/norm.safetensors"
     assert storage.exists(result["artifacts"]["stats"]) and not (Path.cwd() / "s3:").exists()
     capsys.readouterr()
