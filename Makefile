@@ -18,8 +18,18 @@ $(STAMP): pyproject.toml constraints.txt
 AIRFLOW_ENV := AIRFLOW_HOME=$(CURDIR)/airflow_home AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
 	AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW_VAR_EUPE_MODE=embedded AIRFLOW_VAR_EUPE_ARTIFACT_ROOT=artifacts \
 	AIRFLOW_VAR_EUPE_WORKDIR=$(CURDIR) PATH=$(CURDIR)/$(BIN):$$PATH
-DEMO_PARAMS := {"config": "configs/demo.yaml", "dataset_uri": "data", "model_name": "demo_student"}
+DEMO_CONF := "config": "configs/demo.yaml", "dataset_uri": "data", "model_name": "demo_student"
+DEMO_PARAMS := {$(DEMO_CONF)}
 DEMO_DATE := 2026-01-05T00:00:00+00:00
+COMMA := ,
+# $(call dags_test,DAG,CONF,NAME): `airflow dags test DAG` on the embedded database with run conf CONF, logged to
+# airflow_home/NAME.log; on failure the log's errors and one line, else the run's wall time.
+define dags_test
+start=$$(date +%s); $(AIRFLOW_ENV) $(BIN)/airflow dags test $(1) $(DEMO_DATE) -c '$(2)' > airflow_home/$(3).log 2>&1 \
+	|| { grep -E "AirflowFailException|AirflowException|eupe: error" airflow_home/$(3).log | tail -n 20; \
+	     echo "make $(3): the DAG run failed (airflow_home/$(3).log)"; exit 1; }; \
+	echo "DAG run $(1)/demo: success in $$(( $$(date +%s) - start )) s"
+endef
 
 airflow_home/airflow.db: $(STAMP)
 	mkdir -p airflow_home
@@ -29,12 +39,7 @@ airflow_home/airflow.db: $(STAMP)
 demo: $(STAMP) airflow_home/airflow.db
 	$(BIN)/eupe data synth --out data --num-images 384 --size 96 160 --dense
 	@echo "airflow dags test eupe_retrain $(DEMO_DATE) -c '{\"run_name\": \"demo\", ...}'  (log: airflow_home/demo.log)"
-	@start=$$(date +%s); $(AIRFLOW_ENV) $(BIN)/airflow dags test eupe_retrain $(DEMO_DATE) \
-		-c '{"run_name": "demo", "config": "configs/demo.yaml", "dataset_uri": "data", "model_name": "demo_student"}' \
-		> airflow_home/demo.log 2>&1 \
-		|| { grep -E "AirflowFailException|AirflowException|eupe: error" airflow_home/demo.log | tail -n 20; \
-		     echo "make demo: the DAG run failed (airflow_home/demo.log)"; exit 1; }; \
-		echo "DAG run eupe_retrain/demo: success in $$(( $$(date +%s) - start )) s"
+	@$(call dags_test,eupe_retrain,{"run_name": "demo"$(COMMA) $(DEMO_CONF)},demo)
 	@run=$$($(AIRFLOW_ENV) $(BIN)/airflow dags list-runs eupe_retrain -o plain 2>/dev/null | awk '$$5 == "$(DEMO_DATE)" {print $$2; exit}'); \
 		$(AIRFLOW_ENV) $(BIN)/airflow tasks states-for-dag-run eupe_retrain "$$run" -o plain 2>/dev/null \
 		| awk '$$1 == "dag_id" {on = 1} on {printf "%-18s %s\n", $$3, $$4}'; echo
@@ -48,16 +53,12 @@ test: $(STAMP)
 # Airflow like `make demo`: stage 2 only / 1+2 / 1+2+3 / via a teaching assistant, seeds $(ABLATION_SEEDS); the
 # table (mean +- std) and its PNG under artifacts/runs/eupe_ablation/demo/ablation_report/. Log: airflow_home/ablation.log.
 ABLATION_SEEDS ?= 0,1,2
+ABLATION_CONF = "config": "configs/demo.yaml", "dataset_uri": "data", "seeds": "$(ABLATION_SEEDS)"
 ablation: $(STAMP) airflow_home/airflow.db
 	$(BIN)/eupe data synth --out data --num-images 384 --size 96 160 --dense
-	@start=$$(date +%s); $(AIRFLOW_ENV) $(BIN)/airflow dags test eupe_ablation $(DEMO_DATE) \
-		-c '{"run_name": "demo", "config": "configs/demo.yaml", "dataset_uri": "data", "seeds": "$(ABLATION_SEEDS)"}' \
-		> airflow_home/ablation.log 2>&1 \
-		|| { grep -E "AirflowFailException|AirflowException|eupe: error" airflow_home/ablation.log | tail -n 20; \
-		     echo "make ablation: the DAG run failed (airflow_home/ablation.log)"; exit 1; }; \
-		echo "DAG run eupe_ablation/demo: success in $$(( $$(date +%s) - start )) s"
+	@$(call dags_test,eupe_ablation,{"run_name": "demo"$(COMMA) $(ABLATION_CONF)},ablation)
 	@$(BIN)/python -m components.task --pipeline eupe_ablation --run-id demo --artifact-root artifacts \
-		--params '{"config": "configs/demo.yaml", "dataset_uri": "data", "seeds": "$(ABLATION_SEEDS)"}' --summary
+		--params '{$(ABLATION_CONF)}' --summary
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
