@@ -67,12 +67,7 @@ def markdown(table: dict, seeds: list[int]) -> str:
 
 
 def plot(table: dict, seeds: list[int], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from eupe import plots
+    from eupe.plots import plt, save_figure  # Agg, and the atomic PNG write every plot uses
 
     arms = list(table)
     fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(4 * (len(METRICS) + 1), 3.6))
@@ -95,8 +90,7 @@ def plot(table: dict, seeds: list[int], path: str) -> None:
     ax.set_title("paper, ViT-B (reference)")
     ax.legend(fontsize=8)
     fig.suptitle(f"EUPE ablation at this scale: mean +- std over {len(seeds)} seed(s), dots = seeds")
-    fig.tight_layout()
-    plots.save_figure(fig, Path(path))
+    save_figure(fig, Path(path))  # lays the figure out, then writes it
 
 
 def report(runs: list[str], out: str) -> dict:

@@ -152,8 +152,9 @@ def run_ablation(cfg: Config, config: str | None, overrides: list[str], data: st
               "ta": cfg.ablation.ta.model_dump(mode="json", exclude={"weights"}) if cfg.ablation.ta else None,
               "budget": {"stage1_iters": cfg.stage1.iters, "stage2_iters": cfg.stage2.iters,
                          "stage3_iters": cfg.stage3.iters}}
-    storage.write_json(f"{out.rstrip('/')}/{ABLATION_FILE}", record)
+    uri = f"{out.rstrip('/')}/{ABLATION_FILE}"
+    storage.write_json(uri, record)
     metrics = {f"{arm}.{k}": v for arm, r in rows.items() for k, v in r.items() if k in METRICS}
     metrics["wall_s"] = time.perf_counter() - started
     log.info("ablation seed %d: %s", seed, "; ".join(c.ran))
-    return write_result(out, "ablation-run", metrics, {"ablation": f"{out.rstrip('/')}/{ABLATION_FILE}"})
+    return write_result(out, "ablation-run", metrics, {"ablation": uri})
