@@ -93,3 +93,15 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
     assert main(["config", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"eupe: error: {path}: not a text (YAML) file"
+
+
+def test_the_held_out_images_follow_eval_split_seed_not_the_training_seed():
+    from eupe.config import EvalConfig
+    from eupe.evaluate.data import split
+
+    def held(cfg: EvalConfig, seed: int) -> list[int]:
+        return split(200, cfg.max_images, cfg.heldout_fraction, cfg.split_seed_for(seed)).heldout
+
+    assert held(EvalConfig(), 1) != held(EvalConfig(), 2)  # unset: the recipe's seed draws them
+    pinned = EvalConfig(split_seed=5)
+    assert held(pinned, 1) == held(pinned, 2) == held(EvalConfig(), 5)

@@ -202,6 +202,8 @@ class EvalConfig(_Strict):
     label_size: int = Field(default=128, gt=0)  # masks/depth compared at min(label_size, resolution)
     max_images: int = Field(default=2000, gt=1)
     heldout_fraction: float = Field(default=0.25, gt=0, lt=1)
+    # which images are held out; None: the recipe's seed. Fixed, it keeps one held-out set across seeds (the ablation)
+    split_seed: int | None = Field(default=None, ge=0)
     batch_size: int = Field(default=32, gt=0)
     knn_k: int = Field(default=20, gt=0)
     knn_temperature: float = Field(default=0.07, gt=0)
@@ -219,6 +221,10 @@ class EvalConfig(_Strict):
     tolerances: dict[str, float] = Field(default_factory=lambda: {
         "knn_top1": 0.01, "seg_miou": 0.01, "depth_rmse": 0.02, "depth_delta1": 0.01, "keypoint_pck": 0.01, "fidelity": 0.01,
     })
+
+    def split_seed_for(self, seed: int) -> int:
+        """The seed that draws the held-out images: ``split_seed``, else the recipe's ``seed``."""
+        return seed if self.split_seed is None else self.split_seed
 
     @field_validator("tolerances")
     @classmethod

@@ -67,6 +67,8 @@ def test_every_arm_is_a_chain_of_real_steps_with_the_right_inputs(ablation):
     assert any(a.startswith("proxy=") and '"embed_dim": 56' in a for a in student)
     assert all(f"seed=0" in storage.read_result(run / a / s)["invocation"]["argv"]
                for a, s in [("direct", "train"), ("proxy", "train_stage1"), ("ta", "train_student")])
+    # every seed scores on one held-out set (the recipe's seed draws it): the spread is the training's, not the split's
+    assert all("eval.split_seed=0" in storage.read_result(run / a / "evaluate")["invocation"]["argv"] for a in record["arms"])
 
 
 def test_the_report_has_the_papers_shape_mean_std_over_seeds_and_a_png(ablation, capsys):

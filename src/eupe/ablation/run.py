@@ -52,6 +52,7 @@ class Chain:
     teachers: str | None
     seed: int
     out: str
+    split_seed: int  # one held-out set for every seed: the spread is the training's, not the split's
     ran: list[str] = field(default_factory=list)
 
     def step(self, arm: str, name: str, *argv: str, sets: tuple[str, ...] = (), teachers: bool = True) -> str:
@@ -59,7 +60,7 @@ class Chain:
 
         out = f"{self.out.rstrip('/')}/{arm}/{name}"
         full = [argv[0], *(("--config", self.config) if self.config else ()),
-                *[a for o in [*self.overrides, f"seed={self.seed}", *sets] for a in ("--set", o)],
+                *[a for o in [*self.overrides, f"seed={self.seed}", f"eval.split_seed={self.split_seed}", *sets] for a in ("--set", o)],
                 *(("--data", self.data) if self.data else ()),
                 *(("--teachers", self.teachers) if self.teachers and teachers else ()), *argv[1:],
                 *(("--resume", "auto") if argv[0] == "train" else ()), "--out", out]  # a retry continues training
@@ -130,7 +131,7 @@ def run_ablation(cfg: Config, config: str | None, overrides: list[str], data: st
     arms = [a for a in cfg.ablation.arms if a != "ta" or cfg.ablation.ta is not None]
     if "ta" in cfg.ablation.arms and cfg.ablation.ta is None:
         log.warning("ablation: arm ta skipped: the config sets no ablation.ta (the teaching assistant's model)")
-    c = Chain(config, overrides, data, teachers, seed, out)
+    c = Chain(config, overrides, data, teachers, seed, out, cfg.eval.split_seed_for(cfg.seed))
     evaluations: dict[str, str] = {}
     started = time.perf_counter()
     if "direct" in arms:

@@ -107,7 +107,7 @@ def check_inputs(cfg: Config, name: str, weights: str | None, checkpoint: str | 
         adapters = adapter_states(checkpoint, [tname for tname, *_ in target_specs(cfg, stage)])
     base = gate.read_baseline(baseline) if baseline else None
     source = open_image_folder(cfg.data.root, "evaluation")
-    sp = split(len(source), cfg.eval.max_images, cfg.eval.heldout_fraction, cfg.seed)
+    sp = split(len(source), cfg.eval.max_images, cfg.eval.heldout_fraction, cfg.eval.split_seed_for(cfg.seed))
     labels = available_labels(source, sp.train + sp.heldout)
     return Inputs(name, field, spec, source, sp, labels, checkpoint, norm, stage, adapters, base)
 

@@ -37,6 +37,7 @@ from eupe import storage
 from eupe.config import Config, TeacherSpec
 from eupe.errors import EupeError
 from eupe.fingerprint import data_inputs, fingerprint
+from eupe.progress import progress
 from eupe.step import StepRun
 from eupe.teachers.zoo import zoo
 
@@ -56,7 +57,7 @@ def _load(cfg: Config, size: int, need: set[str]):
     from eupe.evaluate.data import EvalImages, available_labels, open_image_folder, split
 
     source = open_image_folder(cfg.data.root, "the teacher zoo")
-    sp = split(len(source), cfg.eval.max_images, cfg.eval.heldout_fraction, cfg.seed)
+    sp = split(len(source), cfg.eval.max_images, cfg.eval.heldout_fraction, cfg.eval.split_seed_for(cfg.seed))
     labels = available_labels(source, sp.train + sp.heldout)
     for kind in ("mask", "depth"):
         if kind in need and not labels[kind]:
@@ -190,6 +191,7 @@ def _train_one(cfg: Config, index: int, spec: TeacherSpec, parts: dict, device: 
     model.train()
     heads.train()
     perm, pos = torch.randperm(n, generator=g), 0
+    bar = progress(total=t.iters, desc=f"teacher {spec.name}", unit="step")
     for _ in range(t.iters):
         if pos + t.batch_size > n:
             perm, pos = torch.randperm(n, generator=g), 0
@@ -204,6 +206,9 @@ def _train_one(cfg: Config, index: int, spec: TeacherSpec, parts: dict, device: 
         opt.step()
         sched.step()
         losses.append(float(out["loss"].detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.update(1)
+    bar.close()
     wall = time.perf_counter() - t0
     numbers = {"objective": t.objective, "iters": t.iters, "first_loss": sum(losses[:10]) / len(losses[:10]),
                "last_loss": sum(losses[-10:]) / len(losses[-10:]), "wall_s": wall,
