@@ -37,7 +37,7 @@ airflow_home/airflow.db: $(STAMP)
 	touch $@
 
 demo: $(STAMP) airflow_home/airflow.db
-	$(BIN)/eupe data synth --out data --num-images 384 --size 96 160 --dense
+	$(BIN)/eupe data synth --out data --num-images 2048 --size 96 160 --dense
 	@echo "airflow dags test eupe_retrain $(DEMO_DATE) -c '{\"run_name\": \"demo\", ...}'  (log: airflow_home/demo.log)"
 	@$(call dags_test,eupe_retrain,{"run_name": "demo"$(COMMA) $(DEMO_CONF)},demo)
 	@run=$$($(AIRFLOW_ENV) $(BIN)/airflow dags list-runs eupe_retrain -o plain 2>/dev/null | awk '$$5 == "$(DEMO_DATE)" {print $$2; exit}'); \
@@ -55,7 +55,7 @@ test: $(STAMP)
 ABLATION_SEEDS ?= 0,1,2
 ABLATION_CONF = "config": "configs/demo.yaml", "dataset_uri": "data", "seeds": "$(ABLATION_SEEDS)"
 ablation: $(STAMP) airflow_home/airflow.db
-	$(BIN)/eupe data synth --out data --num-images 384 --size 96 160 --dense
+	$(BIN)/eupe data synth --out data --num-images 2048 --size 96 160 --dense
 	@$(call dags_test,eupe_ablation,{"run_name": "demo"$(COMMA) $(ABLATION_CONF)},ablation)
 	@$(BIN)/python -m components.task --pipeline eupe_ablation --run-id demo --artifact-root artifacts \
 		--params '{$(ABLATION_CONF)}' --summary

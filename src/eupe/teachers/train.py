@@ -11,8 +11,8 @@ classes, segmentation masks, depth), each for a different thing, as the paper's 
 * ``dense`` (the DINOv3 role): per-patch segmentation classes (a linear head on the patch tokens, logits
   upsampled to the mask) and depth (a linear head regressing each cell's mean depth).
 
-Only the training split of evaluation (``eupe.evaluate.data.split`` with the recipe's seed) is seen: the
-held-out images stay held out for every table. ``<out>/<teacher>.safetensors`` holds the encoder alone
+Every image but evaluation's held-out ones (``eupe.evaluate.data.split``, drawn with ``eval.split_seed`` or the
+recipe's seed) is seen: the held-out images stay held out for every table. ``<out>/<teacher>.safetensors`` holds the encoder alone
 (``num_classes=0``, the format ``weights:`` loads); the heads stay in ``<out>/checkpoints/<teacher>.safetensors``
 (``encoder.*`` and ``head.*``), which ``--resume`` reuses for teachers a killed run had finished.
 ``result.json`` records each teacher's own held-out numbers on its objective (accuracy, mIoU, depth RMSE).
@@ -50,14 +50,19 @@ SEG_LABEL_SIZE = 32  # masks compared at 32 x 32 while training (the probe's lab
 # --------------------------------------------------------------------------- data
 
 
-def _load(cfg: Config, size: int, need: set[str]):
-    """The training and held-out images (uint8, ``size`` px, centre crops), their classes, masks and depth."""
+def _load(cfg: Config, size: int, need: set[str], most: int):
+    """The training (at most ``most``: no teacher sees more) and held-out images (uint8, ``size`` px, centre
+    crops), their classes, masks and depth."""
     from torch.utils.data import DataLoader
 
-    from eupe.evaluate.data import EvalImages, available_labels, open_image_folder, split
+    from eupe.evaluate.data import EvalImages, Split, available_labels, open_image_folder, split
 
     source = open_image_folder(cfg.data.root, "the teacher zoo")
     sp = split(len(source), cfg.eval.max_images, cfg.eval.heldout_fraction, cfg.eval.split_seed_for(cfg.seed))
+    held = set(sp.heldout)  # every image evaluation does not hold out (eval.max_images caps the probes, not these)
+    rest = [i for i in torch.randperm(len(source), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            if i not in held]
+    sp = Split(train=sorted(rest[:most]), heldout=sp.heldout)
     labels = available_labels(source, sp.train + sp.heldout)
     for kind in ("mask", "depth"):
         if kind in need and not labels[kind]:
@@ -297,7 +302,7 @@ def run_teachers(cfg: Config, out: str | Path, resume: bool | str = False) -> di
         need.add("depth")
     size = max(t.img_size for _, t in teachers)
     t0 = time.perf_counter()
-    parts = _load(cfg, size, need)
+    parts = _load(cfg, size, need, max(t.train.iters * t.train.batch_size for _, t in teachers))
     load_s = time.perf_counter() - t0
     rt = setup(cfg)
     per_teacher, states = {}, {}
