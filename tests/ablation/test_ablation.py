@@ -1,7 +1,7 @@
 """``eupe ablation run`` / ``report`` on the tiny recipe: every arm is a chain of real steps (normalize, train,
 evaluate) with the right wiring, the report is the paper's table shape with a PNG, a rerun is up to date, and a
-bad input is one line. The numbers themselves mean nothing at 6 iterations: the effect is measured by
-``benchmarks/ablation.py`` on the demo recipe with its trained teacher zoo (README)."""
+bad input is one line. The numbers themselves mean nothing at 4 iterations: the effect is measured by
+``make ablation`` on the demo recipe with its trained teacher zoo (README, "The paper's ablation")."""
 
 from __future__ import annotations
 

@@ -106,20 +106,5 @@ def test_the_summary_compares_teachers_proxy_student_and_a_random_student(first_
     assert train1[train1.index("--teachers") + 1] == run.out("teachers")
 
 
-# The guard the teacher zoo is for. Not met yet: the tiny zoo teachers barely learn the classes in their budget (the
-# demo's semantic teacher 16-22% held-out accuracy, chance 12.5%), so neither proxy nor student inherits anything
-# measurable on 32 (here) or 96 (demo) held-out images; see the compare table of `make demo`.
-STUDENT_KNN_GAIN = 0.05  # k-NN top-1 above the random student's
-STUDENT_SEG_GAIN = 0.02  # seg mIoU above the random student's
-PROXY_KNN_MARGIN = 0.10  # the proxy's k-NN at most this far below the semantic teacher's
-PROXY_SEG_MARGIN = 0.05  # the proxy's seg mIoU at most this far below the dense teacher's
-
-
-@pytest.mark.xfail(reason="the zoo teachers are too weak to transfer anything measurable yet (issue 15)", strict=False)
-def test_the_student_beats_a_random_student_and_the_proxy_inherits_both_teachers(first_run):
-    rows = first_run[2]["compare"]["rows"]
-    student, random_student, proxy = rows["student"], rows["random student"], rows["proxy"]
-    assert student["knn_top1"] >= random_student["knn_top1"] + STUDENT_KNN_GAIN
-    assert student["seg_miou"] >= random_student["seg_miou"] + STUDENT_SEG_GAIN
-    assert proxy["knn_top1"] >= rows["pecore"]["knn_top1"] - PROXY_KNN_MARGIN
-    assert proxy["seg_miou"] >= rows["dinov3"]["seg_miou"] - PROXY_SEG_MARGIN
+# The guard the teacher zoo is for (the proxy inherits both teachers, the student beats a random student) needs
+# budgets this tiny workspace does not have: tests/recipe/test_transfer.py runs it on the demo recipe.
