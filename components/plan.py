@@ -2,7 +2,7 @@
 
 ``export`` runs once per (resolution, dtype) of the recipe's ``export`` section (and once per dtype for the
 multi-resolution ``.pte``); ``latency`` once per
-exported ``.pte`` and device class; ``version_checkpoints`` once per trained stage. Airflow maps its tasks
+exported ``.pte`` and device class; ``version_checkpoints`` once for the trained teacher zoo and once per trained stage. Airflow maps its tasks
 over these lists (dynamic task mapping), the local runner loops over them.
 """
 
@@ -51,10 +51,15 @@ def _pte(run: PipelineRun, variant: dict) -> str:
 
 
 def trained_checkpoints(run: PipelineRun) -> list[dict]:
-    """The last checkpoint of every training stage this run trained (a reused proxy's stage 1 did not)."""
+    """The teacher zoo this run trained (its whole folder: the teachers' weights, their heads and numbers), then
+    the last checkpoint of every training stage this run trained (a reused proxy's stage 1 did not)."""
     rows = []
     for step in run.pipeline.steps:
-        if step.name.startswith("train_") and not run.skipped(step):
+        if run.skipped(step):
+            continue
+        if step.name == "teachers" and run.result(step.name).get("metrics", {}).get("trained"):
+            rows.append({"name": step.name, "checkpoint": run.out(step.name)})
+        elif step.name.startswith("train_"):
             rows.append({"name": step.name, "checkpoint": run.output(step.name, "checkpoint")})
     return rows
 

@@ -10,10 +10,11 @@ from components.plan import items
 from components.run import PipelineRun, UnresolvedReference
 
 
-def _done(run: PipelineRun, step: str, artifacts: dict, item: dict | None = None) -> None:
+def _done(run: PipelineRun, step: str, artifacts: dict, item: dict | None = None, metrics: dict | None = None) -> None:
     out = Path(run.out(step, item))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps({"step": step, "status": "ok", "artifacts": artifacts}))
+    (out / "result.json").write_text(json.dumps({"step": step, "status": "ok", "artifacts": artifacts,
+                                                 "metrics": metrics or {}}))
 
 
 def test_edges_come_from_the_references_and_gates():
@@ -85,6 +86,7 @@ def test_promote_gets_one_flag_per_fanned_out_element(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("export: {resolutions: [32, 48], int8: true}\nlatency: {device_class: ci-cpu}\n")
     run = PipelineRun.create(RETRAIN, str(tmp_path), "r1", {"config": str(config), "model_name": "m"})
+    _done(run, "teachers", {"pecore": "pecore.safetensors"}, metrics={"trained": ["pecore"]})  # a zoo was trained
     for stage in (1, 2, 3):
         _done(run, f"train_stage{stage}", {"encoder": "e", "checkpoint": f"ck{stage}"})
     for r in (32, 48):
@@ -106,7 +108,8 @@ def test_promote_gets_one_flag_per_fanned_out_element(tmp_path):
     assert [Path(x).name for x in latencies] == [f"{Path(e).name}_ci-cpu" for e in exports]
     assert argv[argv.index("--registry") + 1] == str(tmp_path) and argv[argv.index("--run-id") + 1] == "r1"
     versions = [argv[i + 1] for i, a in enumerate(argv) if a == "--checkpoint-version"]
-    assert [Path(v).name for v in versions] == ["train_stage1", "train_stage2", "train_stage3"]
+    assert [Path(v).name for v in versions] == ["teachers", "train_stage1", "train_stage2", "train_stage3"]
+    assert items(run, "trained_checkpoints")[0] == {"name": "teachers", "checkpoint": run.out("teachers")}
     proxy_reused = PipelineRun.create(RETRAIN, str(tmp_path), "r1", {"config": str(config), "proxy": "p.safetensors"})
     assert [i["name"] for i in items(proxy_reused, "trained_checkpoints")] == ["train_stage2", "train_stage3"]
 

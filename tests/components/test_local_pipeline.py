@@ -66,9 +66,10 @@ def test_the_run_ends_with_a_promoted_model_and_its_lineage(first_run, workspace
     assert pointer["version"] == 1 and pointer["run_id"] == "t1"
     lineage = json.loads(Path(pointer["lineage"]).read_text())
     assert lineage["dataset"]["hash"] == _result(run, "version_data")["metrics"]["hash"]
-    stages = [f"train_stage{i}" for i in (1, 2, 3)]  # each stage's last checkpoint, pushed to the data's remote
+    # the teacher zoo this run trained, then each stage's last checkpoint, pushed to the data's remote
+    versioned = ["teachers", *[f"train_stage{i}" for i in (1, 2, 3)]]
     assert [c["hash"] for c in lineage["checkpoints"]] == [
-        _result(run, "version_checkpoints", {"name": s})["metrics"]["hash"] for s in stages]
+        _result(run, "version_checkpoints", {"name": s})["metrics"]["hash"] for s in versioned]
     assert all(c["hash"].endswith(".dir") and c["dvc_file"].endswith("checkpoint.dvc") for c in lineage["checkpoints"])
     md5 = lineage["checkpoints"][-1]["hash"].removesuffix(".dir")
     assert (root / "remote" / "files" / "md5" / md5[:2] / (md5[2:] + ".dir")).is_file()
