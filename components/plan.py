@@ -1,9 +1,9 @@
 """Fan-out planners: the elements a step is mapped over, computed when the run reaches it.
 
 ``export`` runs once per (resolution, dtype) of the recipe's ``export`` section (and once per dtype for the
-multi-resolution ``.pte``); ``latency`` once per
-exported ``.pte`` and device class; ``version_checkpoints`` once for the trained teacher zoo and once per trained stage. Airflow maps its tasks
-over these lists (dynamic task mapping), the local runner loops over them.
+multi-resolution ``.pte``); ``latency`` once per exported ``.pte`` and device class; ``version_checkpoints``
+once for the trained teacher zoo and once per trained stage. Airflow maps its tasks over these lists (dynamic
+task mapping), the local runner loops over them.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from eupe import storage
 from eupe.data.folder import DEPTH_SUFFIX, MASK_SUFFIX, ImageSource, label_uri, open_source
 from eupe.data.loader import DistillImages
 from eupe.errors import EupeError
+
+if TYPE_CHECKING:
+    from eupe.config import Config
 
 MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L")
@@ -52,6 +56,12 @@ def split(n: int, max_images: int, heldout_fraction: float, seed: int) -> Split:
         raise EupeError(f"evaluation needs at least 2 images (a train and a held-out one), the dataset has {n}")
     held = min(len(chosen) - 1, max(1, round(len(chosen) * heldout_fraction)))
     return Split(train=sorted(chosen[held:]), heldout=sorted(chosen[:held]))
+
+
+def recipe_split(n: int, cfg: Config) -> Split:
+    """The recipe's split of ``n`` images: what evaluation holds out (drawn with ``eval.split_seed``, else the
+    recipe's seed), which the teacher zoo must never train on."""
+    return split(n, cfg.eval.max_images, cfg.eval.heldout_fraction, cfg.eval.split_seed_for(cfg.seed))
 
 
 def _open(uri: str) -> Image.Image:

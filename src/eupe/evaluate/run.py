@@ -28,7 +28,7 @@ from eupe.distill.runtime import Runtime, setup, teardown
 from eupe.distill.targets import build_targets, model_inputs, prepare_for, target_specs
 from eupe.errors import EupeError, GateFailed
 from eupe.evaluate import gate, knn, probes, report
-from eupe.evaluate.data import EvalImages, Split, available_labels, open_image_folder, split
+from eupe.evaluate.data import EvalImages, Split, available_labels, open_image_folder, recipe_split
 from eupe.evaluate.fidelity import adapter_states, build_adapters, fidelity_batch
 from eupe.evaluate.keypoints import cell_centres, match, sample_mask
 from eupe.evaluate.warp import random_homographies, warp_images
@@ -107,7 +107,7 @@ def check_inputs(cfg: Config, name: str, weights: str | None, checkpoint: str | 
         adapters = adapter_states(checkpoint, [tname for tname, *_ in target_specs(cfg, stage)])
     base = gate.read_baseline(baseline) if baseline else None
     source = open_image_folder(cfg.data.root, "evaluation")
-    sp = split(len(source), cfg.eval.max_images, cfg.eval.heldout_fraction, cfg.eval.split_seed_for(cfg.seed))
+    sp = recipe_split(len(source), cfg)
     labels = available_labels(source, sp.train + sp.heldout)
     return Inputs(name, field, spec, source, sp, labels, checkpoint, norm, stage, adapters, base)
 

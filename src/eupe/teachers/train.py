@@ -11,10 +11,10 @@ classes, segmentation masks, depth), each for a different thing, as the paper's 
 * ``dense`` (the DINOv3 role): per-patch segmentation classes (a linear head on the patch tokens, logits
   upsampled to the mask) and depth (a linear head regressing each cell's mean depth).
 
-Every image but evaluation's held-out ones (``eupe.evaluate.data.split``, drawn with ``eval.split_seed`` or the
-recipe's seed) is seen: the held-out images stay held out for every table. ``<out>/<teacher>.safetensors`` holds the encoder alone
-(``num_classes=0``, the format ``weights:`` loads); the heads stay in ``<out>/checkpoints/<teacher>.safetensors``
-(``encoder.*`` and ``head.*``), which ``--resume`` reuses for teachers a killed run had finished.
+Every image but evaluation's held-out ones (``eupe.evaluate.data.recipe_split``) is seen: the held-out images
+stay held out for every table. ``<out>/<teacher>.safetensors`` holds the encoder alone (``num_classes=0``, the
+format ``weights:`` loads); the heads stay in ``<out>/checkpoints/<teacher>.safetensors`` (``encoder.*`` and
+``head.*``), which ``--resume`` reuses for teachers a killed run had finished.
 ``result.json`` records each teacher's own held-out numbers on its objective (accuracy, mIoU, depth RMSE).
 A recipe with no ``train:`` teacher trains nothing (a quick no-op).
 """
@@ -55,10 +55,10 @@ def _load(cfg: Config, size: int, need: set[str], most: int):
     crops), their classes, masks and depth."""
     from torch.utils.data import DataLoader
 
-    from eupe.evaluate.data import EvalImages, Split, available_labels, open_image_folder, split
+    from eupe.evaluate.data import EvalImages, Split, available_labels, open_image_folder, recipe_split
 
     source = open_image_folder(cfg.data.root, "the teacher zoo")
-    sp = split(len(source), cfg.eval.max_images, cfg.eval.heldout_fraction, cfg.eval.split_seed_for(cfg.seed))
+    sp = recipe_split(len(source), cfg)
     held = set(sp.heldout)  # every image evaluation does not hold out (eval.max_images caps the probes, not these)
     rest = [i for i in torch.randperm(len(source), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             if i not in held]
