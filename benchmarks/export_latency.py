@@ -6,14 +6,19 @@ The exported graph is the one ``eupe export`` writes (``eupe.export.lower``: ``f
 ``EncoderOutputs`` -> ``to_program`` -> ``lower_methods``, int8 as ``export.int8_activations``); the ONNX
 file is exported from that same module (``ort_peer.py``). For each model and size the runners are
 interleaved in rounds (one forward of each, in turn, ``--rounds`` times after ``--warmup`` rounds), so
-that a burst of load from other processes hits them all alike; the table shows medians and their ratios.
+that a burst of load from other processes hits them all alike, each call after a ``--gap-ms`` pause: ONNX
+Runtime's intra-op threads spin after a run, and so do PyTorch's OpenMP threads, and on 2 cores a runner
+timed straight after them loses the core they spin on (measured here: ExecuTorch 70 ms straight after ORT,
+54 ms after a pause, ORT itself unchanged). The table shows medians and their ratios.
 FLOP floor = the forward's FLOPs (``FlopCounterMode``, CPU attention counted as in ``train_throughput.py``)
 / this machine's fp32 ``torch.mm`` rate measured in the same run (2048 x 2048, median of samples taken
 before each model). Random weights: latency does not depend on them (int8 parity on trained weights is
-the export tests' business). Every library runs ``--threads`` threads.
+the export tests' business). Every library runs ``--threads`` threads. ``--linears`` adds, per ViT, a row of
+its blocks' linear layers alone (qkv, proj, fc1, fc2 chained on the token matrix, the same shapes): the GEMM
+kernels of each library compared with nothing else in the graph.
 
     .venv/bin/python benchmarks/export_latency.py [--quick] [--models vit_s vit_b] [--sizes 256 512]
-        [--threads 2] [--rounds 10] [--json out.json] [--png out.png]
+        [--threads 2] [--rounds 10] [--gap-ms 100] [--linears] [--json out.json] [--png out.png]
 """
 
 from __future__ import annotations
@@ -70,21 +75,43 @@ def forward_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def bench(name: str, size: int, n_threads: int, warmup: int, rounds: int, work: Path) -> dict:
+class Linears(torch.nn.Module):
+    """A ViT's block linears alone, chained on its token matrix ``[N, D]``: ``fc2(fc1(proj(qkv(x)[:, :D])))``
+    per block, the same weights and GEMM shapes as the whole model's."""
+
+    def __init__(self, vit: torch.nn.Module):
+        super().__init__()
+        self.dim = vit.embed_dim
+        self.layers = torch.nn.ModuleList(m for b in vit.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(0, len(self.layers), 4):
+            qkv, proj, fc1, fc2 = self.layers[i : i + 4]
+            x = fc2(fc1(proj(qkv(x)[:, : self.dim])))
+        return x
+
+
+def bench(name: str, size: int, n_threads: int, warmup: int, rounds: int, work: Path, gap_s: float = 0.1,
+          linears: bool = False) -> dict:
     torch.manual_seed(0)
     spec = ModelSpec(model=name, img_size=size)
     model = build_model(spec).eval()
     static = EncoderOutputs(fixed_size(model, spec, size)).eval()
     x = torch.randn(1, 3, size, size)
-    row: dict = {"model": name, "size": size, "params": sum(p.numel() for p in model.parameters()),
+    if linears:
+        tokens = static.model.patch_embed.num_patches + static.model.num_prefix_tokens
+        static, x = Linears(static.model).eval(), torch.randn(tokens, static.model.embed_dim)
+        name = f"{name} linears"
+    row: dict = {"model": name, "size": size, "params": sum(p.numel() for p in static.parameters()),
                  "flops": forward_flops(static, x), "mm_flop_per_s": matmul_rate(2048)}
     runners = {"eager": lambda: static(x)}
 
-    onnx = work / f"{name}_{size}.onnx"
+    stem = name.replace(" ", "_")
+    onnx = work / f"{stem}_{size}.onnx"
     row["ort_fp32_export_s"] = ort_peer.export_onnx(static, x, onnx)
-    row["ort_int8_export_s"] = ort_peer.quantize_int8(onnx, work / f"{name}_{size}_int8.onnx")
+    row["ort_int8_export_s"] = ort_peer.quantize_int8(onnx, work / f"{stem}_{size}_int8.onnx")
     runners["ort_fp32"] = ort_peer.session(onnx, n_threads, x)
-    runners["ort_int8"] = ort_peer.session(work / f"{name}_{size}_int8.onnx", n_threads, x)
+    runners["ort_int8"] = ort_peer.session(work / f"{stem}_{size}_int8.onnx", n_threads, x)
 
     int8 = ExportConfig().int8_activations
     for dtype in ("fp32", "int8"):
@@ -103,6 +130,7 @@ def bench(name: str, size: int, n_threads: int, warmup: int, rounds: int, work: 
     with torch.inference_mode():
         for i in range(warmup + rounds):
             for k in RUNNERS:
+                time.sleep(gap_s)  # the previous runner's spinning threads park
                 t = time.perf_counter()
                 runners[k]()
                 if i >= warmup:
@@ -173,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="threads of torch, ONNX Runtime and ExecuTorch's threadpool")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds (one forward of every runner each)")
+    ap.add_argument("--gap-ms", type=float, default=100.0,
+                    help="pause before each timed call, for the previous runner's spinning threads to park")
+    ap.add_argument("--linears", action="store_true", help="also a row of each ViT's block linears alone")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -187,17 +218,20 @@ def main(argv: list[str] | None = None) -> dict:
         rows = []
         for name in models:
             for size in sizes:
-                rows.append(bench(name, size, args.threads, args.warmup, args.rounds, Path(work)))
-                r = rows[-1]
-                print(f"{name} {size}px: eager {r['eager_ms']:.1f}, ORT {r['ort_fp32_ms']:.1f}/{r['ort_int8_ms']:.1f}, "
-                      f"ET {r['et_fp32_ms']:.1f}/{r['et_int8_ms']:.1f} ms (fp32/int8), ET export "
-                      f"{r['et_fp32_export_s']:.0f}/{r['et_int8_export_s']:.0f} s", flush=True)
-                if args.json:  # the rows so far: a long run cut short keeps what it measured
-                    storage.write_json(str(args.json), {"benchmark": "export_latency", "partial": True, "cpu": machine,
-                                                        "threads": args.threads, "rounds": args.rounds, "rows": rows})
+                for alone in (False, True) if args.linears and "vit" in name else (False,):
+                    rows.append(bench(name, size, args.threads, args.warmup, args.rounds, Path(work), args.gap_ms / 1e3,
+                                      linears=alone))
+                    r = rows[-1]
+                    print(f"{r['model']} {size}px: eager {r['eager_ms']:.1f}, ORT {r['ort_fp32_ms']:.1f}/"
+                          f"{r['ort_int8_ms']:.1f}, ET {r['et_fp32_ms']:.1f}/{r['et_int8_ms']:.1f} ms (fp32/int8), ET export "
+                          f"{r['et_fp32_export_s']:.0f}/{r['et_int8_export_s']:.0f} s", flush=True)
+                    if args.json:  # the rows so far: a long run cut short keeps what it measured
+                        storage.write_json(str(args.json), {"benchmark": "export_latency", "partial": True, "cpu": machine,
+                                                            "threads": args.threads, "rounds": args.rounds, "rows": rows})
     finish(rows)
     title = (f"{machine['model']}, {args.threads} threads, batch 1; torch {torch.__version__}, ExecuTorch "
-             f"{threads()} threads, onnxruntime {ort_peer.version()}; median of {args.rounds} interleaved rounds")
+             f"{threads()} threads, onnxruntime {ort_peer.version()}; median of {args.rounds} interleaved rounds, "
+             f"{args.gap_ms:.0f} ms apart")
     print(f"\n{title}\nCPU flags: {' '.join(machine['flags'])}; fp32 torch.mm 2048: "
           f"{statistics.median(r['mm_flop_per_s'] for r in rows) / 1e9:.0f} GFLOP/s\n")
     print(table(rows))
@@ -207,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{r['model']} {r['size']}px ET {dtype}: {r[f'et_{dtype}_subgraphs']} XNNPACK subgraph(s), outside "
                   f"XNNPACK: {', '.join(f'{k} x{v}' for k, v in left.items()) if left else 'nothing'}")
     out = {"benchmark": "export_latency", "cpu": machine, "threads": args.threads, "rounds": args.rounds,
-           "warmup": args.warmup, "torch": torch.__version__, "onnxruntime": ort_peer.version(),
+           "warmup": args.warmup, "gap_ms": args.gap_ms, "torch": torch.__version__, "onnxruntime": ort_peer.version(),
            "int8_activations": ExportConfig().int8_activations, "rows": rows}
     if args.json:
         storage.write_json(str(args.json), out)
