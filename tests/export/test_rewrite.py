@@ -83,3 +83,34 @@ def test_global_average_pool_becomes_a_mean_and_real_broadcasts_stay():
     got = program.module()(x, t)
     torch.testing.assert_close(got[0], x.mean((2, 3), keepdim=True))
     torch.testing.assert_close(got[1], t.expand(3, -1))
+
+
+def test_gemm_layer_norms_swap_plain_layer_norms_for_the_same_values_and_leave_the_original_alone():
+    from timm.layers import LayerNorm2d
+
+    from eupe.export.rewrite import GemmLayerNorm, gemm_layer_norms
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 17, 24) * 3 + 50  # a large common offset and an outlier channel, as trained ViTs have
+    x[..., 5] += 400
+    m = torch.randn(1, 8, 5, 5)
+    norms = Norms().eval()
+    norms.map = LayerNorm2d(8)  # channels-first (it permutes around the kernel): not a plain LayerNorm
+    swapped = gemm_layer_norms(norms)
+    assert [type(getattr(swapped, k)) for k in ("tokens", "channels", "plain", "map")] == [GemmLayerNorm] * 3 + [LayerNorm2d]
+    assert type(norms.tokens) is nn.LayerNorm  # a copy was changed, not the caller's module
+    for got, ref in zip(swapped(x, m), norms(x, m), strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    plain = nn.Sequential(nn.Linear(4, 4))
+    assert gemm_layer_norms(plain) is plain  # nothing to swap: no copy
+
+
+def test_int8_leaves_the_normalization_statistics_in_fp32():
+    from eupe.export.lower import quantize_int8
+    from eupe.export.rewrite import gemm_layer_norms
+
+    block = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).eval()
+    graph = quantize_int8(gemm_layer_norms(block), torch.randn(1, 10, 32))
+    linears = [n for n in graph.graph.nodes if n.op == "call_function" and n.target == aten.linear.default]
+    quantized = ["dequantize" in str(getattr(n.args[1], "target", "")) for n in linears]
+    assert len(linears) == 4 and sorted(quantized) == [False, False, True, True]  # the two statistics, the two layers

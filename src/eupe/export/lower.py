@@ -17,7 +17,7 @@ from torch.export import ExportedProgram
 
 from eupe.config import ModelSpec
 from eupe.errors import EupeError
-from eupe.export.rewrite import forget_provenance, xnnpack_friendly
+from eupe.export.rewrite import GemmLayerNorm, forget_provenance, gemm_layer_norms, xnnpack_friendly
 from eupe.export.runtime import first_line
 from eupe.models.features import extract_features
 from eupe.models.registry import build_model
@@ -106,6 +106,7 @@ def quantize_int8(module: nn.Module, example: torch.Tensor, activations: Int8 = 
         graph = torch.export.export(module, (two,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
         batches = (x if x.shape[0] > 1 else x.expand(2, *x.shape[1:]) for x in calibration or [])
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+    quantizer.set_module_type(GemmLayerNorm, None)  # normalization statistics stay fp32
     if dynamic:
         quantizer.set_filter_function(_dynamic_conv_ok)
     prepared = prepare_pt2e(graph.module(), quantizer)
@@ -132,8 +133,10 @@ def _dynamic_conv_ok(node: torch.fx.Node) -> bool:
 def to_program(module: nn.Module, example: torch.Tensor, int8: Int8 | None = None,
                calibration: Iterable[torch.Tensor] | None = None) -> ExportedProgram:
     """``torch.export`` of an eval-mode ``module`` at the static shape of ``example`` (quantized first when
-    ``int8`` is given), rewritten so that XNNPACK takes every compute operator (:mod:`eupe.export.rewrite`)."""
+    ``int8`` is given), rewritten so that XNNPACK takes every compute operator (:mod:`eupe.export.rewrite`):
+    LayerNorms as :class:`~eupe.export.rewrite.GemmLayerNorm` first, the rest on the exported graph."""
     with torch.no_grad():
+        module = gemm_layer_norms(module)
         if int8 is not None:
             module = quantize_int8(module, example, int8, calibration)
         return xnnpack_friendly(torch.export.export(module, (example,), strict=False))

@@ -15,13 +15,22 @@ re-expresses them with operators XNNPACK does take, applied to an ``ExportedProg
   already has -> ``view``; ``adaptive_avg_pool2d`` to 1 x 1 -> ``mean.dim`` over (2, 3).
 
 Anything else (a real broadcast, a matmul that broadcasts its batch) keeps PyTorch's own decomposition.
+
+Before export, :func:`gemm_layer_norms` swaps every ``nn.LayerNorm`` module for :class:`GemmLayerNorm`, which
+takes both statistics with a fully-connected layer (a constant ``1/C`` row). XNNPACK runs the 4-D ``mean.dim``
+above as global average pooling over a single channel, which does not vectorize: 25 LayerNorms at ViT-S's
+257 x 384 took 4.9 ms that way and 1.7 ms as GEMMs (0.4 ms with no normalization at all), on a 2-core AVX-512
+Xeon. The decomposition above stays for a ``layer_norm`` that is not a module.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.export import ExportedProgram
 
 aten = torch.ops.aten
@@ -38,6 +47,46 @@ def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_ena
     if bias is not None:
         y = y + bias
     return y
+
+
+class GemmLayerNorm(nn.Module):
+    """``nn.LayerNorm`` over the last dimension, with its mean and variance taken by ``F.linear`` against a
+    constant ``[1, C]`` row of ``1/C``: ``c = x - mean(x)``, ``c * rsqrt(mean(c^2) + eps) * w + b`` (two passes,
+    as stable as the kernel). The same numbers to float rounding; the int8 quantizer leaves it in fp32."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        (c,) = norm.normalized_shape
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        self.register_buffer("row", torch.full((1, c), 1.0 / c), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x - F.linear(x, self.row)
+        y = c * torch.rsqrt(F.linear(c * c, self.row) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+def _plain_layer_norm(m: nn.Module) -> bool:
+    """A LayerNorm over the last dimension only: ``nn.LayerNorm`` or timm's ``LayerNorm`` (not timm's
+    channels-first ``LayerNorm2d``, which permutes around it)."""
+    from timm.layers import LayerNorm as TimmLayerNorm
+
+    return type(m) in (nn.LayerNorm, TimmLayerNorm) and len(m.normalized_shape) == 1
+
+
+def gemm_layer_norms(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every plain LayerNorm a :class:`GemmLayerNorm` (``module`` itself when it has
+    none; never modified)."""
+    if not any(_plain_layer_norm(m) for m in module.modules()):
+        return module
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if _plain_layer_norm(child):
+                setattr(parent, name, GemmLayerNorm(child))
+    return module
 
 
 def _select(x, dim, index):
