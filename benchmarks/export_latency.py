@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.axhline(1.0, color="black", linewidth=1, label="fp32 FLOP floor")
     ax.set_xticks(range(len(rows)), labels)
     ax.set_ylabel("median latency / fp32 FLOP floor")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, ncols=3)
     save_figure(fig, path)
