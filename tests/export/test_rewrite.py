@@ -34,13 +34,17 @@ class Norms(nn.Module):
         return self.tokens(x), self.channels(m.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), self.plain(x)
 
 
-def test_layer_norm_becomes_means_over_a_4d_view_with_the_same_values():
-    # activations with a large common offset and an outlier channel, as trained ViTs have: a one-pass
-    # variance (E[x^2] - E[x]^2) would lose digits here, the two-pass rewrite must not
+def _norm_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens for :class:`Norms` with a large common offset and an outlier channel, as trained ViTs have (a
+    one-pass variance, E[x^2] - E[x]^2, would lose digits here; the two-pass rewrites must not), and a map."""
     torch.manual_seed(0)
     x = torch.randn(1, 17, 24) * 3 + 50
     x[..., 5] += 400
-    m = torch.randn(1, 8, 5, 5)
+    return x, torch.randn(1, 8, 5, 5)
+
+
+def test_layer_norm_becomes_means_over_a_4d_view_with_the_same_values():
+    x, m = _norm_inputs()
     norms = Norms().eval()
     want = norms(x, m)
     program = _rewritten(norms, x, m)
@@ -90,10 +94,7 @@ def test_gemm_layer_norms_swap_plain_layer_norms_for_the_same_values_and_leave_t
 
     from eupe.export.rewrite import GemmLayerNorm, gemm_layer_norms
 
-    torch.manual_seed(0)
-    x = torch.randn(1, 17, 24) * 3 + 50  # a large common offset and an outlier channel, as trained ViTs have
-    x[..., 5] += 400
-    m = torch.randn(1, 8, 5, 5)
+    x, m = _norm_inputs()
     norms = Norms().eval()
     norms.map = LayerNorm2d(8)  # channels-first (it permutes around the kernel): not a plain LayerNorm
     swapped = gemm_layer_norms(norms)
