@@ -319,7 +319,7 @@ def _dead(pid: int) -> bool:
     return False
 
 
-def _remove_dead_siblings(final: Path) -> None:
+def remove_dead_siblings(final: Path) -> None:
     """The ``.tmp-``/``.old-`` siblings of ``final`` whose writing process is gone (killed mid-write)."""
     try:
         siblings = [p for p in final.parent.iterdir() if p.name.startswith(f"{final.name}.")]
@@ -341,7 +341,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         raise EupeError(f"not a directory: {final}")
     _writing(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_siblings(final)
+    remove_dead_siblings(final)
     tmp = final.with_name(temp_name(final.name, "tmp"))
     tmp.mkdir()
     try:

@@ -110,3 +110,94 @@ def test_checkpoints_of_a_run_in_its_own_git_free_repository_concurrently(repo, 
         assert (tmp_path / "remote" / "files" / "md5" / md5[:2] / (md5[2:] + ".dir")).is_file()
     config = (run / ".dvc" / "config").read_text()
     assert "no_scm = True" in config and str(tmp_path / "remote") in config and "(default)" not in config
+
+
+# --------------------------------------------------------------------------- what a killed run leaves (issue 11)
+
+
+def test_a_dvc_file_write_that_fails_midway_leaves_the_old_file_and_no_temporary():
+    """eupe.data.dvc_cli: DVC's in-place rewrite of a .dvc file goes through a temporary file and a rename."""
+    import tempfile
+
+    from eupe.data import dvc_cli
+
+    dvc_cli.patch()  # raises if DVC's serializers stopped sharing _common._dump_data
+    from dvc.utils.serialize import _yaml
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / ".dvc" / "tmp").mkdir(parents=True)
+        target = Path(d) / "data.dvc"
+        target.write_text("outs:\n- md5: old.dir\n  path: data\n")
+
+        def dies_midway(data, stream):
+            stream.write("outs:\n- md5: ne")
+            raise KeyboardInterrupt  # the signal lands while the file is half written
+
+        import os
+
+        cwd = os.getcwd()
+        os.chdir(d)  # DVC runs in the repository's root: the temporary file goes to .dvc/tmp
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                _yaml._dump_data(str(target), {"outs": []}, dumper=dies_midway)
+            _yaml.dump_yaml(str(target), {"outs": [{"md5": "new.dir", "path": "data"}]})
+        finally:
+            os.chdir(cwd)
+        assert yaml.safe_load(target.read_text())["outs"][0]["md5"] == "new.dir"
+        assert sorted(p.name for p in Path(d).rglob("*") if p.is_file()) == ["data.dvc"]
+
+
+def test_version_after_a_kill_clears_our_stale_dvc_locks_and_temporaries(repo, capsys):
+    """A killed `dvc add` leaves its entry in DVC's rwlock; DVC treats it as live while the PID exists (a zombie,
+    or any process of a restarted container that got the PID): the next version must not fail as "busy"."""
+    import json
+    import os
+
+    data = repo / "data"
+    synthesize(data, 6, size=(24, 40), seed=3, num_classes=2)
+    tmp = repo / ".dvc" / "tmp"
+    tmp.mkdir(parents=True)
+    ours = {"pid": os.getpid(), "cmd": "/venv/lib/python3.11/site-packages/eupe/data/dvc_cli.py add data"}
+    theirs = {"pid": os.getpid(), "cmd": "dvc add elsewhere"}
+    (tmp / "rwlock").write_text(json.dumps({"write": {str(data): ours, str(repo / "elsewhere"): theirs},
+                                            "read": {str(data): [ours]}}))
+    leftover = tmp / storage.temp_name("eupe-data.dvc", "tmp")
+    leftover.write_text("outs:\n- md5: ha")
+    assert main(["data", "version", "--path", str(data), "--out", str(repo / "v1")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(".dir")
+    lock = json.loads((tmp / "rwlock").read_text())
+    assert lock["write"] == {str(repo / "elsewhere"): theirs} and not lock.get("read")  # another tool's: DVC's to judge
+    assert not leftover.exists() and not (tmp / "eupe-push-pending").exists()
+
+
+def test_a_push_after_a_killed_one_does_not_trust_the_remote_index(repo, capsys):
+    """A push killed while DVC cleared its remote index leaves file entries without their .dir; DVC then
+    believes those files are on the remote and never pushes them. The next version drops the index."""
+    from dvc.repo import Repo
+    from dvc_data.hashfile.db import get_index
+
+    data = repo / "data"
+    synthesize(data, 6, size=(24, 40), seed=3, num_classes=2)
+    assert main(["data", "version", "--path", str(data), "--out", str(repo / "v2")]) == 0
+    digest = capsys.readouterr().out.strip().splitlines()[-1]
+    remote = repo.parent / "remote"
+    objects = sorted(p.relative_to(remote) for p in remote.rglob("*") if p.is_file())
+    assert len(objects) == 9  # the .dir and its 8 files
+
+    shutil.rmtree(remote)  # the killed clear: the remote lost its objects, the index its .dir entry only
+    with Repo(str(repo)) as r:
+        index = get_index(r.cloud.get_remote_odb("local"))
+        del index.index[digest]
+        index.close()
+    assert main(["data", "version", "--path", str(data), "--out", str(repo / "v3")]) == 0  # no marker: DVC alone trusts the index
+    left = sorted(p.relative_to(remote) for p in remote.rglob("*") if p.is_file())
+    assert [o.suffix for o in left] == [".dir"]  # the .dir pushed, its 8 files believed there: DVC's failure
+
+    shutil.rmtree(remote)
+    with Repo(str(repo)) as r:
+        index = get_index(r.cloud.get_remote_odb("local"))
+        del index.index[digest]
+        index.close()
+    (repo / ".dvc" / "tmp" / "eupe-push-pending").write_bytes(b"")  # the killed push's marker
+    assert main(["data", "version", "--path", str(data), "--out", str(repo / "v4")]) == 0
+    assert sorted(p.relative_to(remote) for p in remote.rglob("*") if p.is_file()) == objects

@@ -218,3 +218,19 @@ def test_resume_refuses_another_runs_checkpoint_and_resume_auto_starts_over(reci
     same = read_result(out)["finished_at"]
     _eupe(*other, "--resume", "auto")  # the same run again: up to date
     assert read_result(out)["finished_at"] == same
+
+
+def test_a_preemption_checkpoint_never_pushes_a_scheduled_one_out(tmp_path: Path) -> None:
+    """checkpoint_every 4, keep 2: preempted at step 10, resumed to step 16, the run keeps what an
+    uninterrupted one keeps (12 and 16); while preempted, 10 is kept beside 4 and 8 (the resume point)."""
+    from eupe.distill import checkpoint
+
+    def regular(step: int) -> bool:
+        return step % 4 == 0
+
+    for step in (4, 8, 10):
+        checkpoint.save(tmp_path, step, {"w": torch.zeros(2)}, {}, regular=regular)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000008", "step_00000010"]
+    for step in (12, 16):
+        checkpoint.save(tmp_path, step, {"w": torch.zeros(2)}, {}, regular=regular)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000012", "step_00000016"]

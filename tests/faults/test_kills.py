@@ -48,8 +48,13 @@ def test_the_checks_see_a_partial_file(tmp_path: Path) -> None:
     (tmp_path / ".result.json.tmp-abcd1234").write_text('{"half')  # a writer's temporary name: allowed
     (tmp_path / "x.pte").write_bytes(b"\0\0\0\0ET12eh00" + (24).to_bytes(4, "little") + (1 << 20).to_bytes(8, "little")
                                      + bytes(16))
+    objects = tmp_path / "files" / "md5" / "1b"
+    objects.mkdir(parents=True)
+    (objects / "548c90f8d8a4d27f28df5f0af92957").write_bytes(b"not its content")  # a DVC object: hashes to its name
+    (objects / ".GtB_gm2cLecOZJC7XyckwQ.tmp").write_bytes(b"half")  # DVC's own temporary name: allowed
     found = harness.partial_files([tmp_path])
-    assert sorted(Path(f.split(":")[0]).name for f in found) == ["cut.safetensors", "result.json", "x.pte"], found
+    assert sorted(Path(f.split(":")[0]).name for f in found) == ["548c90f8d8a4d27f28df5f0af92957", "cut.safetensors",
+                                                                  "result.json", "x.pte"], found
     snap = harness.Snapshot.take([tmp_path])
     (tmp_path / "model.safetensors").write_bytes(data[:-1])
     assert snap.lost() == (len(data), [str(tmp_path / "model.safetensors")])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -31,12 +32,13 @@ log = logging.getLogger(__name__)
 __all__ = ["find_repo", "pull", "register", "run_dvc", "version"]
 
 
-def _dvc_executable() -> str:
-    beside = Path(sys.executable).parent / "dvc"
-    found = str(beside) if beside.exists() else shutil.which("dvc")
-    if not found:
-        raise EupeError(f"dvc not installed (looked next to {sys.executable} and on PATH): pip install 'dvc[s3]'")
-    return found
+def _dvc_command() -> list[str]:
+    """``dvc`` as :mod:`eupe.data.dvc_cli` runs it: the same command line, its ``.dvc`` files written atomically."""
+    import importlib.util
+
+    if importlib.util.find_spec("dvc") is None:
+        raise EupeError(f"dvc not installed for {sys.executable}: pip install 'dvc[s3]'")
+    return [sys.executable, "-m", "eupe.data.dvc_cli"]
 
 
 def find_repo(path: Path) -> Path:
@@ -48,10 +50,10 @@ def find_repo(path: Path) -> Path:
     raise EupeError(f"{path} is not inside a DVC repository (no .dvc/ folder above it; run `dvc init`)")
 
 
-def run_dvc(args: list[str], repo: Path) -> str:
+def run_dvc(args: list[str], repo: Path, env: dict[str, str] | None = None) -> str:
     """Run ``dvc <args>`` in ``repo``; a failure is one line with DVC's own error."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run([_dvc_executable(), *args], cwd=repo, capture_output=True, text=True, env=env)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", **(env or {})}
+    proc = subprocess.run([*_dvc_command(), *args], cwd=repo, capture_output=True, text=True, env=env)
     if proc.returncode:
         lines = [" ".join(line.split()) for line in (proc.stderr + "\n" + proc.stdout).splitlines() if line.strip()]
         reason = next((line for line in lines if line.startswith("ERROR")), lines[-1] if lines else f"exit code {proc.returncode}")
@@ -98,7 +100,7 @@ def standalone_repo(folder: str | Path, project: Path | None = None) -> Path:
         lines += [f"    {key} = {options[key]}" for key in ("url", "endpointurl", "region") if options.get(key)]
     root.mkdir(parents=True, exist_ok=True)
     if not (root / ".dvc").is_dir():
-        run_dvc(["init", "--no-scm", "--quiet"], root)
+        run_dvc(["init", "--no-scm"], root)
     storage.write_bytes(str(config_file), ("\n".join(lines) + "\n").encode())  # atomically
     log.info("data version: %s is a DVC repository (no git) with the remotes of %s", root, project)
     return root
@@ -146,18 +148,65 @@ def repo_lock(folder: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+PUSH_PENDING = "eupe-push-pending"  # in .dvc/tmp/ while a push runs: found by the next run, the push was killed
+
+
+@contextmanager
+def _dvc_session(repo: Path) -> Iterator[bool]:
+    """Hold ``repo``'s lock for a sequence of DVC commands (:func:`repo_lock` on ``.dvc/tmp``) and first remove
+    what a killed run of ours left there; no run of ours is alive while the lock is held, so all of it is stale:
+
+    * a half-written ``.dvc`` file under its temporary name (:mod:`eupe.data.dvc_cli`);
+    * our commands' entries in DVC's ``rwlock``: DVC treats an entry as live while its PID exists, and a
+      restarted container reuses PIDs (a zombie's PID exists too), so ``dvc add`` would fail as "busy".
+
+    Yields whether a push was interrupted (its marker is there)."""
+    tmp = repo / ".dvc" / "tmp"
+    with repo_lock(tmp):
+        for p in tmp.iterdir():
+            if p.name.startswith("eupe-") and storage.is_leftover(p.name):
+                p.unlink(missing_ok=True)
+        rw = tmp / "rwlock"
+        try:
+            lock = json.loads(rw.read_text() or "{}")
+            kept = {"write": {k: v for k, v in lock.get("write", {}).items() if not _ours(v)},
+                    "read": {k: [i for i in v if not _ours(i)] for k, v in lock.get("read", {}).items()}}
+            kept["read"] = {k: v for k, v in kept["read"].items() if v}
+            if kept != {"write": lock.get("write", {}), "read": lock.get("read", {})}:
+                storage.write_bytes(str(rw), json.dumps(kept).encode())
+                log.info("removed a killed run's entries from %s", rw)
+        except (OSError, ValueError, AttributeError):
+            pass  # none, or not ours to mend: DVC reports it
+        yield (tmp / PUSH_PENDING).exists()
+
+
+def _ours(info: object) -> bool:
+    return isinstance(info, dict) and "dvc_cli" in str(info.get("cmd", ""))
+
+
+def _push(repo: Path, f: Path, remote: str | None, interrupted: bool) -> None:
+    """``dvc push`` of ``f``. After a killed push, DVC's indexes may list part of what to push, or claim objects
+    the remote lacks: they are dropped first (:func:`eupe.data.dvc_cli._drop_indexes`)."""
+    marker = repo / ".dvc" / "tmp" / PUSH_PENDING
+    storage.write_bytes(str(marker), b"")
+    run_dvc(["push", str(f.relative_to(repo)), *(["--remote", remote] if remote else [])], repo,
+            {"EUPE_DVC_DROP_INDEXES": "1"} if interrupted else None)
+    marker.unlink()
+
+
 def _track(target: Path, dvc_file: str | None, remote: str | None) -> dict[str, Any]:
     repo = find_repo(target)
     f = _dvc_file(target, repo, dvc_file)
-    if dvc_file:  # an output outside the .dvc file's folder, e.g. a checkpoint under a git-ignored artifacts/
-        out_path = os.path.relpath(target.absolute(), f.parent)
-        if not f.exists() or _out_entry(f).get("path") != out_path:
-            # through storage: a .dvc file under the step's --out claims that folder first (eupe.step)
-            storage.write_bytes(str(f), yaml.safe_dump({"outs": [{"path": out_path}]}, sort_keys=False).encode())
-        run_dvc(["commit", "--force", "--quiet", str(f.relative_to(repo))], repo)
-    else:
-        run_dvc(["add", "--quiet", str(target.absolute().relative_to(repo))], repo)
-    run_dvc(["push", "--quiet", str(f.relative_to(repo)), *(["--remote", remote] if remote else [])], repo)
+    with _dvc_session(repo) as interrupted:
+        if dvc_file:  # an output outside the .dvc file's folder, e.g. a checkpoint under a git-ignored artifacts/
+            out_path = os.path.relpath(target.absolute(), f.parent)
+            if not f.exists() or _out_entry(f).get("path") != out_path:
+                # through storage: a .dvc file under the step's --out claims that folder first (eupe.step)
+                storage.write_bytes(str(f), yaml.safe_dump({"outs": [{"path": out_path}]}, sort_keys=False).encode())
+            run_dvc(["commit", "--force", str(f.relative_to(repo))], repo)
+        else:
+            run_dvc(["add", str(target.absolute().relative_to(repo))], repo)
+        _push(repo, f, remote, interrupted)
     out = _out_entry(f)
     return {"hash": out["md5"], "size": out.get("size"), "nfiles": out.get("nfiles"), "dvc_file": str(f),
             "path": str(target), "remote": remote or "default"}
@@ -170,7 +219,8 @@ def pull(path: str | Path, remote: str | None = None, dvc_file: str | None = Non
     f = _dvc_file(target, repo, dvc_file)
     if not f.is_file():
         raise EupeError(f"{f} not found: version {path} first (eupe data version --path {path})")
-    run_dvc(["pull", "--quiet", str(f.relative_to(repo)), *(["--remote", remote] if remote else [])], repo)
+    with _dvc_session(repo):
+        run_dvc(["pull", str(f.relative_to(repo)), *(["--remote", remote] if remote else [])], repo)
     out = _out_entry(f)
     return {"hash": out["md5"], "size": out.get("size"), "nfiles": out.get("nfiles"), "dvc_file": str(f),
             "path": str(target), "remote": remote or "default"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,11 @@ def optim_staging(root: Path, step: int) -> Path:
 
 
 def save(root: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = 2,
-         first: bool = False) -> Path:
-    """Write ``step_<step>`` atomically, point ``latest.json`` at it, keep the newest ``keep``. ``first``:
-    the first save of a fresh run, which replaces every checkpoint an older run left in ``root``. The
-    optimizer shards an FSDP run staged in :func:`optim_staging` move in as ``optim/``."""
+         first: bool = False, regular: Callable[[int], bool] | None = None) -> Path:
+    """Write ``step_<step>`` atomically, point ``latest.json`` at it, keep the newest ``keep`` (:func:`prune`;
+    ``regular``: which steps are on the checkpoint schedule). ``first``: the first save of a fresh run, which
+    replaces every checkpoint an older run left in ``root``. The optimizer shards an FSDP run staged in
+    :func:`optim_staging` move in as ``optim/``."""
     final = root / f"step_{step:08d}"
     staged = optim_staging(root, step)
     with storage.atomic_dir(final) as tmp:
@@ -59,15 +61,23 @@ def save(root: Path, step: int, model_state: dict[str, torch.Tensor], train_stat
         if staged.is_dir():
             staged.rename(tmp / OPTIM_DIR)
     storage.write_json(str(root / "latest.json"), {"step": step, "path": final.name})
-    prune(root, keep, newest=final if first else None)
+    prune(root, keep, newest=final if first else None, regular=regular)
     return final
 
 
-def prune(root: Path, keep: int, newest: Path | None = None) -> None:
-    """Keep the newest ``keep`` complete checkpoints (or ``newest`` alone). Anything else named ``step_*``
-    goes too: the ``.tmp-*`` / ``.old-*`` leftovers of a run killed mid-save would otherwise sort among
-    the checkpoints and push real ones out (only rank 0 writes here, so none of them is in use)."""
-    kept = {newest} if newest is not None else set(_complete(root)[-keep:])
+def prune(root: Path, keep: int, newest: Path | None = None, regular: Callable[[int], bool] | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints on the schedule (``regular(step)``; default: every one is)
+    and the newest of all (or ``newest`` alone). A preemption's checkpoint, off the schedule, is where a resume
+    starts, so it stays until a later one exists, and never pushes a scheduled one out: a preempted and resumed
+    run ends with the checkpoints an uninterrupted one keeps (meanwhile, one more than ``keep``). Anything else
+    named ``step_*`` goes too: the ``.tmp-*`` / ``.old-*`` leftovers of a run killed mid-save would otherwise
+    sort among the checkpoints and push real ones out (only rank 0 writes here, so none of them is in use)."""
+    if newest is not None:
+        kept = {newest}
+    else:
+        done = _complete(root)
+        scheduled = [p for p in done if regular is None or regular(int(p.name.removeprefix("step_")))]
+        kept = set(scheduled[-keep:]) | set(done[-1:])
     for path in (set(root.glob("step_*")) | set(root.glob(".optim-*"))) - kept:  # .optim-*: a killed save's shards
         shutil.rmtree(path, ignore_errors=True)
 

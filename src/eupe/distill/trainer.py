@@ -343,7 +343,7 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
                     "optimizer": optim, "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
                     "history": history.__dict__, "fingerprint": fp, "norm": norm_digest, "config": config,
                     "counters": total.as_dict(),
-                }, first=fresh)
+                }, first=fresh, regular=lambda n: n % st.checkpoint_every == 0 or n == st.iters)
                 if mirror is not None:
                     mirror.upload(last_ckpt)
             if optim is None and mirror is not None:  # FSDP into s3://: each rank's shard is in its own folder
