@@ -148,7 +148,7 @@ def repo_lock(folder: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-PUSH_PENDING = "eupe-push-pending"  # in .dvc/tmp/ while a push runs: found by the next run, the push was killed
+PUSH_PENDING = "eupe-push-pending"  # in .dvc/tmp/ while a push runs: found by the next run, the push was killed (or failed)
 
 
 @contextmanager
