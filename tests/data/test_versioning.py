@@ -115,36 +115,28 @@ def test_checkpoints_of_a_run_in_its_own_git_free_repository_concurrently(repo, 
 # --------------------------------------------------------------------------- what a killed run leaves (issue 11)
 
 
-def test_a_dvc_file_write_that_fails_midway_leaves_the_old_file_and_no_temporary():
+def test_a_dvc_file_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     """eupe.data.dvc_cli: DVC's in-place rewrite of a .dvc file goes through a temporary file and a rename."""
-    import tempfile
-
     from eupe.data import dvc_cli
 
     dvc_cli.patch()  # raises if DVC's serializers stopped sharing _common._dump_data
     from dvc.utils.serialize import _yaml
 
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / ".dvc" / "tmp").mkdir(parents=True)
-        target = Path(d) / "data.dvc"
-        target.write_text("outs:\n- md5: old.dir\n  path: data\n")
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # DVC runs in the repository's root: the temporary file goes to .dvc/tmp
+    target = tmp_path / "data.dvc"
+    target.write_text("outs:\n- md5: old.dir\n  path: data\n")
 
-        def dies_midway(data, stream):
-            stream.write("outs:\n- md5: ne")
-            raise KeyboardInterrupt  # the signal lands while the file is half written
+    def dies_midway(data, stream):
+        stream.write("outs:\n- md5: ne")
+        raise KeyboardInterrupt  # the signal lands while the file is half written
 
-        import os
-
-        cwd = os.getcwd()
-        os.chdir(d)  # DVC runs in the repository's root: the temporary file goes to .dvc/tmp
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                _yaml._dump_data(str(target), {"outs": []}, dumper=dies_midway)
-            _yaml.dump_yaml(str(target), {"outs": [{"md5": "new.dir", "path": "data"}]})
-        finally:
-            os.chdir(cwd)
-        assert yaml.safe_load(target.read_text())["outs"][0]["md5"] == "new.dir"
-        assert sorted(p.name for p in Path(d).rglob("*") if p.is_file()) == ["data.dvc"]
+    with pytest.raises(KeyboardInterrupt):
+        _yaml._dump_data(str(target), {"outs": []}, dumper=dies_midway)
+    assert yaml.safe_load(target.read_text())["outs"][0]["md5"] == "old.dir"
+    _yaml.dump_yaml(str(target), {"outs": [{"md5": "new.dir", "path": "data"}]})
+    assert yaml.safe_load(target.read_text())["outs"][0]["md5"] == "new.dir"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["data.dvc"]
 
 
 def test_version_after_a_kill_clears_our_stale_dvc_locks_and_temporaries(repo, capsys):

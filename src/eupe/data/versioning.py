@@ -14,7 +14,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
