@@ -249,11 +249,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_local(path: Path, data: bytes) -> None:
+def _atomic_write_local(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """``data`` to a temporary file in ``tmp_dir`` (default: beside ``path``; on the same filesystem), flushed
+    to disk, then renamed onto ``path``."""
     _writing(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.tmp-")
     except OSError as e:
         raise EupeError(f"cannot write {path}: {e.strerror or e}") from e
     try:
@@ -319,7 +321,7 @@ def _dead(pid: int) -> bool:
     return False
 
 
-def remove_dead_siblings(final: Path) -> None:
+def _remove_dead_siblings(final: Path) -> None:
     """The ``.tmp-``/``.old-`` siblings of ``final`` whose writing process is gone (killed mid-write)."""
     try:
         siblings = [p for p in final.parent.iterdir() if p.name.startswith(f"{final.name}.")]
@@ -341,7 +343,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         raise EupeError(f"not a directory: {final}")
     _writing(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_siblings(final)
+    _remove_dead_siblings(final)
     tmp = final.with_name(temp_name(final.name, "tmp"))
     tmp.mkdir()
     try:

@@ -271,7 +271,12 @@ def launcher(kind: str, logdir: Path) -> Exec | Zygote:
 
 def _skipped(path: Path, root: Path) -> bool:
     """Under a temporary name of a writer (a file or any folder above it): allowed to hold half a file."""
-    return any(storage.is_leftover(part) for part in path.relative_to(root).parts) or _dvc_temporary(path)
+    return _ours_temporary(path, root) or _dvc_temporary(path)
+
+
+def _ours_temporary(path: Path, root: Path) -> bool:
+    """Under a temporary name of eupe's writers, which the next run removes."""
+    return any(storage.is_leftover(part) for part in path.relative_to(root).parts)
 
 
 _DVC_TEMP = re.compile(r"^.*\.[A-Za-z0-9_-]{22}\.tmp$")  # dvc_objects.fs.utils.tmp_fname: <prefix>.<token>.tmp
@@ -540,7 +545,7 @@ def compare_outputs(ref: Path, run: Path, paths: list[tuple[str, str]] | None = 
     paths = [(str(ref), "<out>"), (str(run), "<out>"), *(paths or [])]
     a, b = _files(ref), _files(run)
     leftovers = [p.relative_to(run).as_posix() for p in run.rglob("*")
-                 if _skipped(p, run) and not _dvc_temporary(p)] if run.is_dir() else []
+                 if _ours_temporary(p, run)] if run.is_dir() else []
     problems = [f"temporary names left in {run}: {leftovers[:5]}"] if leftovers else []
     if a.keys() != b.keys():
         problems.append(f"files only in the uninterrupted run: {sorted(a.keys() - b.keys())[:8]}; "
@@ -788,7 +793,7 @@ MIRROR_GAP = (
 _FILES_DIFF = re.compile(r"files only in the uninterrupted run: \[(.*)\]; only in the interrupted one: \[(.*)\]$")
 
 
-def known_deviation(difference: str, preempted: bool) -> str | None:
+def known_deviation(difference: str) -> str | None:
     """The reason of a difference between final outputs that the trainer owes (not a lost or partial file), or
     ``None``: a checkpoint prefix on S3 without its marker. (A preempted run used to keep its off-schedule
     checkpoint among the last two: mended, eupe.distill.checkpoint.prune; such a difference now fails.)"""
@@ -992,10 +997,9 @@ def kill_and_restart(ws: Workspace, name: str, signals: list[int], rng: random.R
     if stray:
         report.problems.append(f"written outside --out: {stray[:5]}")
     report.bytes_lost = max([lost, *(k.bytes_lost for k in report.kills)])
-    preempted = [k for k in report.kills if k.exit == 143]
     unexplained = []
     for d in report.differences:
-        reason = known_deviation(d, preempted=bool(preempted))
+        reason = known_deviation(d)
         if reason is None:
             unexplained.append(d)
             continue
@@ -1456,7 +1460,7 @@ class S3Training:
             why.append(f"objects that do not parse: {report.partial[:3]}")
         if report.exit == 0 or report.retry_exit == 0:
             for d in self.compare(out):
-                reason = known_deviation(d, preempted=False)
+                reason = known_deviation(d)
                 (report.known if reason else report.differences).append(f"{reason} ({d})" if reason else d)
             why += report.differences[:3]
         report.why = "; ".join(why)

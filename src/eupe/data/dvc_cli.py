@@ -3,54 +3,43 @@
 
 DVC (3.x) rewrites a ``.dvc`` file in place (``open(path, "w+")``). A step killed while ``dvc add`` or ``dvc
 commit`` writes one leaves it truncated: the dataset's pointer, committed to git for ``data.dvc``, is lost, and
-the next ``dvc`` call in that repository fails to parse it. Here every local file DVC serializes goes to a
-temporary file in the repository's ``.dvc/tmp/`` (``eupe-<name>.tmp-<pid>-<hex>``), is flushed to disk, and
-replaces the old one in one rename: after a kill the file holds the old version or the new one, and the
-temporary file a killed run left is removed by the next one (:mod:`eupe.data.versioning`).
+the next ``dvc`` call in that repository fails to parse it. Here every local file DVC serializes is written by
+``eupe.storage``'s atomic write, its temporary file (``.<name>.tmp-XXXXXXXX``) in the repository's ``.dvc/tmp/``:
+after a kill the file holds the old version or the new one, and the temporary file a killed run left is removed
+by the next one (:mod:`eupe.data.versioning`).
 
 ``EUPE_DVC_DROP_INDEXES=1``: forget DVC's indexes first (the next push after a killed one).
 Files on a remote filesystem (``fs=`` given) are written as DVC writes them."""
 
 from __future__ import annotations
 
+import io
 import os
 import sys
+from pathlib import Path
 
 
 def _atomic_dump_data(path, data, dumper, fs=None, **dumper_args):
     protocol = getattr(fs, "protocol", None)
     if fs is not None and not {"local", "file"} & set(protocol if isinstance(protocol, tuple) else (protocol,)):
         return _original(path, data, dumper=dumper, fs=fs, **dumper_args)
-    from eupe.storage import temp_name
+    from eupe import storage
 
-    path = os.path.abspath(os.fspath(path))
-    tmp = os.path.join(_temp_folder(path), temp_name(f"eupe-{os.path.basename(path)}", "tmp"))
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            dumper(data, f, **dumper_args)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    text = io.StringIO()
+    dumper(data, text, **dumper_args)
+    path = Path(os.path.abspath(os.fspath(path)))
+    storage._atomic_write_local(path, text.getvalue().encode("utf-8"), tmp_dir=_temp_folder(path))
     return None
 
 
-def _temp_folder(path: str) -> str:
+def _temp_folder(path: Path) -> Path | None:
     """The repository's ``.dvc/tmp`` (DVC runs in the repository's root) when it is on the file's filesystem, so
-    that nothing is left beside a tracked file after a kill; else the file's own folder."""
-    folder, tmp = os.path.dirname(path), os.path.join(os.getcwd(), ".dvc", "tmp")
+    that nothing is left beside a tracked file after a kill; else None (beside the file)."""
+    tmp = Path.cwd() / ".dvc" / "tmp"
     try:
-        if os.stat(tmp).st_dev == os.stat(folder).st_dev:
-            return tmp
+        return tmp if tmp.stat().st_dev == path.parent.stat().st_dev else None
     except OSError:
-        pass
-    return folder
+        return None
 
 
 def _drop_indexes() -> None:
@@ -66,12 +55,6 @@ def _drop_indexes() -> None:
 
     with Repo(os.getcwd(), uninitialized=True) as repo:
         shutil.rmtree(os.path.join(repo.site_cache_dir, "index"), ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def patch() -> None:

@@ -155,7 +155,7 @@ def _dvc_session(repo: Path) -> Iterator[bool]:
     """Hold ``repo``'s lock for a sequence of DVC commands (:func:`repo_lock` on ``.dvc/tmp``) and first remove
     what a killed run of ours left there; no run of ours is alive while the lock is held, so all of it is stale:
 
-    * a half-written ``.dvc`` file under its temporary name (:mod:`eupe.data.dvc_cli`);
+    * a half-written ``.dvc`` file (:mod:`eupe.data.dvc_cli`), ``rwlock`` or marker under its temporary name;
     * our commands' entries in DVC's ``rwlock``: DVC treats an entry as live while its PID exists, and a
       restarted container reuses PIDs (a zombie's PID exists too), so ``dvc add`` would fail as "busy".
 
@@ -163,14 +163,13 @@ def _dvc_session(repo: Path) -> Iterator[bool]:
     tmp = repo / ".dvc" / "tmp"
     with repo_lock(tmp):
         for p in tmp.iterdir():
-            if p.name.startswith("eupe-") and storage.is_leftover(p.name):
+            if storage.is_leftover(p.name):  # eupe.storage's temporary names: DVC's own never match
                 p.unlink(missing_ok=True)
         rw = tmp / "rwlock"
         try:
             lock = json.loads(rw.read_text() or "{}")
             kept = {"write": {k: v for k, v in lock.get("write", {}).items() if not _ours(v)},
-                    "read": {k: [i for i in v if not _ours(i)] for k, v in lock.get("read", {}).items()}}
-            kept["read"] = {k: v for k, v in kept["read"].items() if v}
+                    "read": {k: r for k, v in lock.get("read", {}).items() if (r := [i for i in v if not _ours(i)])}}
             if kept != {"write": lock.get("write", {}), "read": lock.get("read", {})}:
                 storage.write_bytes(str(rw), json.dumps(kept).encode())
                 log.info("removed a killed run's entries from %s", rw)

@@ -304,6 +304,10 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
     bar = progress(total=st.iters, initial=start, desc=f"stage{stage}", unit="step", disable=not rt.is_main)
     t0, seen, last_ckpt, skipped = time.perf_counter(), 0, last, 0
     live = metrics.serve_training(stage, st.iters, st.batch_size, main=rt.is_main)  # /metrics with EUPE_METRICS_PORT
+
+    def scheduled(n: int) -> bool:  # the checkpoint schedule: every checkpoint_every steps and the last
+        return n % st.checkpoint_every == 0 or n == st.iters
+
     for step in range(start, st.iters):
         sizes = draw_resolutions(cfg, stage, step, targets)
         step_loss, step_parts = 0.0, {t.name: 0.0 for t in targets}
@@ -332,7 +336,7 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
             eta = (st.iters - step - 1) * st.batch_size / max(rate, 1e-9)
             log.info("stage%d step %d/%d loss %.4f %.1f img/s eta %.0fs", stage, step + 1, st.iters, history.loss[-1], rate, eta)
         stop = rt.mean(float(preemption.requested)) > 0  # every rank stops at the same step
-        if (step + 1) % st.checkpoint_every == 0 or step + 1 == st.iters or stop:
+        if scheduled(step + 1) or stop:
             total = Counters(counters.images + seen, counters.skipped + round(rt.mean(float(skipped)) * rt.world_size),
                              counters.train_s + time.perf_counter() - t0)  # every rank joins the reduction
             weights = full_state(model)  # every rank: FSDP gathers the shards to rank 0
@@ -343,7 +347,7 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
                     "optimizer": optim, "scheduler": sched.state_dict(), "rng": checkpoint.rng_state(),
                     "history": history.__dict__, "fingerprint": fp, "norm": norm_digest, "config": config,
                     "counters": total.as_dict(),
-                }, first=fresh, regular=lambda n: n % st.checkpoint_every == 0 or n == st.iters)
+                }, first=fresh, regular=scheduled)
                 if mirror is not None:
                     mirror.upload(last_ckpt)
             if optim is None and mirror is not None:  # FSDP into s3://: each rank's shard is in its own folder
