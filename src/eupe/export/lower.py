@@ -17,6 +17,7 @@ from torch.export import ExportedProgram
 
 from eupe.config import ModelSpec
 from eupe.errors import EupeError
+from eupe.export.blocks import xnnpack_blocks
 from eupe.export.rewrite import GemmLayerNorm, forget_provenance, gemm_layer_norms, xnnpack_friendly
 from eupe.export.runtime import first_line
 from eupe.models.features import extract_features
@@ -134,9 +135,10 @@ def to_program(module: nn.Module, example: torch.Tensor, int8: Int8 | None = Non
                calibration: Iterable[torch.Tensor] | None = None) -> ExportedProgram:
     """``torch.export`` of an eval-mode ``module`` at the static shape of ``example`` (quantized first when
     ``int8`` is given), rewritten so that XNNPACK takes every compute operator (:mod:`eupe.export.rewrite`):
-    LayerNorms as :class:`~eupe.export.rewrite.GemmLayerNorm` first, the rest on the exported graph."""
+    ViT blocks as :func:`~eupe.export.blocks.xnnpack_blocks` and LayerNorms as
+    :class:`~eupe.export.rewrite.GemmLayerNorm` first, the rest on the exported graph."""
     with torch.no_grad():
-        module = gemm_layer_norms(module)
+        module = gemm_layer_norms(xnnpack_blocks(module, int8=int8 is not None))
         if int8 is not None:
             module = quantize_int8(module, example, int8, calibration)
         return xnnpack_friendly(torch.export.export(module, (example,), strict=False))

@@ -68,7 +68,7 @@ class GemmLayerNorm(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def _plain_layer_norm(m: nn.Module) -> bool:
+def plain_layer_norm(m: nn.Module) -> bool:
     """A LayerNorm over the last dimension only: ``nn.LayerNorm`` or timm's ``LayerNorm`` (not timm's
     channels-first ``LayerNorm2d``, which permutes around it)."""
     from timm.layers import LayerNorm as TimmLayerNorm
@@ -79,12 +79,12 @@ def _plain_layer_norm(m: nn.Module) -> bool:
 def gemm_layer_norms(module: nn.Module) -> nn.Module:
     """A copy of ``module`` with every plain LayerNorm a :class:`GemmLayerNorm` (``module`` itself when it has
     none; never modified)."""
-    if not any(_plain_layer_norm(m) for m in module.modules()):
+    if not any(plain_layer_norm(m) for m in module.modules()):
         return module
     module = copy.deepcopy(module)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if _plain_layer_norm(child):
+            if plain_layer_norm(child):
                 setattr(parent, name, GemmLayerNorm(child))
     return module
 
