@@ -64,8 +64,9 @@ def test_export_attention_computes_timms_attention_at_any_batch_and_refuses_a_ma
     attn = Attention(48, num_heads=4, qkv_bias=True).eval()
     attn.fused_attn = False
     x = torch.randn(3, 7, 48)
-    for own_views in (False, True):
-        torch.testing.assert_close(ExportAttention(attn, own_views)(x), attn(x), rtol=1e-5, atol=1e-5)
+    for batch in (1, 3):  # batch 1: the 3-D path a device runs; more: int8 calibration's batches
+        for own_views in (False, True):
+            torch.testing.assert_close(ExportAttention(attn, own_views)(x[:batch]), attn(x[:batch]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no attention mask"):
         ExportAttention(attn)(x, attn_mask=torch.zeros(7, 7))
 

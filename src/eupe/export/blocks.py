@@ -90,12 +90,14 @@ class ExportAttention(nn.Module):
         bsz, n, c = x.shape
         h, d = self.heads, self.head_dim
         q, k, v = (self.q(self._view(x)), self.k(self._view(x)), self.v(self._view(x)))
-        q = q.reshape(bsz, n, h, d).permute(0, 2, 1, 3).reshape(bsz * h, n, d)
+        if bsz == 1:  # what a device runs: 3-D, one reshape and one permute per tensor (each a copy in XNNPACK)
+            q, v = (t.reshape(n, h, d).permute(1, 0, 2) for t in (q, v))
+            out = torch.bmm(torch.bmm(q, k.reshape(n, h, d).permute(1, 2, 0)).softmax(-1), v)
+            return self.proj(out.permute(1, 0, 2).reshape(1, n, h * d))
+        q, v = (t.reshape(bsz, n, h, d).permute(0, 2, 1, 3).reshape(bsz * h, n, d) for t in (q, v))
         k = k.reshape(bsz, n, h, d).permute(0, 2, 3, 1).reshape(bsz * h, d, n)
-        v = v.reshape(bsz, n, h, d).permute(0, 2, 1, 3).reshape(bsz * h, n, d)
         out = torch.bmm(torch.bmm(q, k).softmax(-1), v)
         return self.proj(out.reshape(bsz, h, n, d).permute(0, 2, 1, 3).reshape(bsz, n, h * d))
-
 
 def branches(hidden: int, dim: int, budget: int = GEMM_WEIGHT_BUDGET) -> int:
     """How many hidden slices keep each branch's weights within ``budget`` elements (a divisor of
