@@ -18,7 +18,7 @@ int8 keeps the MLP whole (XNNPACK quantizes each branch's input again: slower) a
 the LayerNorm (folded, it would widen the per-channel weight scales the quantizer picks); each of ``q``, ``k``,
 ``v`` reads its own view of the input (:meth:`ExportAttention._view`). Measured with
 ``benchmarks/export_latency.py`` on a 2-core AVX-512 Xeon, ViT-B/16 at 256 px against ONNX Runtime in the same
-run: fp32 1.12x -> 1.00x, int8 1.15x -> 1.04x.
+run: fp32 1.12x -> 1.01x, int8 1.15x -> 1.05x (the README's table, another run: 0.99x and 1.05x).
 """
 
 from __future__ import annotations
