@@ -100,6 +100,7 @@ class ExportAttention(nn.Module):
         out = torch.bmm(torch.bmm(q, k).softmax(-1), v)
         return self.proj(out.reshape(bsz, h, n, d).permute(0, 2, 1, 3).reshape(bsz, n, h * d))
 
+
 def branches(hidden: int, dim: int, budget: int = GEMM_WEIGHT_BUDGET) -> int:
     """How many hidden slices an MLP of ``dim -> hidden -> dim`` goes in (a divisor of ``hidden``; 1: whole).
     Square ``[dim, dim]`` GEMMs (``b = hidden / dim``), more where that leaves a weight over ``budget``
