@@ -18,7 +18,7 @@ its blocks' linear layers alone (qkv, proj, fc1, fc2 chained on the token matrix
 kernels of each library compared with nothing else in the graph.
 
     .venv/bin/python benchmarks/export_latency.py [--quick] [--models vit_s vit_b] [--sizes 256 512]
-        [--threads 2] [--rounds 10] [--gap-ms 100] [--linears] [--json out.json] [--png out.png]
+        [--threads 2] [--rounds 10] [--gap-ms 100] [--linears] [--plain] [--json out.json] [--png out.png]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Linears(torch.nn.Module):
 
 
 def bench(name: str, size: int, n_threads: int, warmup: int, rounds: int, work: Path, gap_s: float = 0.1,
-          linears: bool = False) -> dict:
+          linears: bool = False, plain: bool = False) -> dict:
     torch.manual_seed(0)
     spec = ModelSpec(model=name, img_size=size)
     model = build_model(spec).eval()
@@ -115,29 +115,32 @@ def bench(name: str, size: int, n_threads: int, warmup: int, rounds: int, work: 
     runners["ort_int8"] = ort_peer.session(work / f"{stem}_{size}_int8.onnx", n_threads, x)
 
     int8 = ExportConfig().int8_activations
-    for dtype in ("fp32", "int8"):
+    for dtype, rewrite in [(d, r) for r in ((True, False) if plain else (True,)) for d in ("fp32", "int8")]:
+        key = f"et_{dtype}" if rewrite else f"et_{dtype}_plain"
         t = time.perf_counter()
-        lowered = lower_methods({"forward": lambda d=dtype: to_program(static, x, int8 if d == "int8" else None)},
+        lowered = lower_methods({"forward": lambda d=dtype, r=rewrite: to_program(static, x, int8 if d == "int8" else None,
+                                                                                  rewrite_blocks=r)},
                                 f"{name}_{size}_{dtype}")
-        row[f"et_{dtype}_export_s"] = time.perf_counter() - t
-        row[f"et_{dtype}_bytes"] = len(lowered.program)
-        row[f"et_{dtype}_non_delegated"] = lowered.non_delegated
-        row[f"et_{dtype}_subgraphs"] = lowered.subgraphs
+        row[f"{key}_export_s"] = time.perf_counter() - t
+        row[f"{key}_bytes"] = len(lowered.program)
+        row[f"{key}_non_delegated"] = lowered.non_delegated
+        row[f"{key}_subgraphs"] = lowered.subgraphs
         forward = load_forward(lowered.program, f"{name}_{dtype}")
-        runners[f"et_{dtype}"] = lambda f=forward: f(x)
+        runners[key] = lambda f=forward: f(x)
 
-    times: dict[str, list[float]] = {k: [] for k in RUNNERS}
+    order = RUNNERS + [k for k in runners if k not in RUNNERS]  # the A/B runners (--plain) last in each round
+    times: dict[str, list[float]] = {k: [] for k in order}
     load = OtherLoad()
     with torch.inference_mode():
         for i in range(warmup + rounds):
-            for k in RUNNERS:
+            for k in order:
                 time.sleep(gap_s)  # the previous runner's spinning threads park
                 t = time.perf_counter()
                 runners[k]()
                 if i >= warmup:
                     times[k].append((time.perf_counter() - t) * 1e3)
     row["other_cpus"] = load.cores()
-    for k in RUNNERS:
+    for k in order:
         row[f"{k}_ms"] = statistics.median(times[k])
         row[f"{k}_runs_ms"] = times[k]
     del runners, static, model
@@ -155,6 +158,8 @@ def finish(rows: list[dict]) -> None:
         r["et_fp32_x_ort"] = r["et_fp32_ms"] / r["ort_fp32_ms"]
         r["et_int8_x_ort"] = r["et_int8_ms"] / r["ort_int8_ms"]
         r["et_int8_x_et_fp32"] = r["et_int8_ms"] / r["et_fp32_ms"]
+        for dtype in ("fp32", "int8") if "et_fp32_plain_ms" in r else ():
+            r[f"et_{dtype}_plain_x_ort"] = r[f"et_{dtype}_plain_ms"] / r[f"ort_{dtype}_ms"]
 
 
 def _cpus(v: float | None) -> str:
@@ -205,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gap-ms", type=float, default=100.0,
                     help="pause before each timed call, for the previous runner's spinning threads to park")
     ap.add_argument("--linears", action="store_true", help="also a row of each ViT's block linears alone")
+    ap.add_argument("--plain", action="store_true",
+                    help="also time ExecuTorch programs lowered without eupe.export.blocks, in the same rounds (A/B)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
             for size in sizes:
                 for alone in (False, True) if args.linears and "vit" in name else (False,):
                     rows.append(bench(name, size, args.threads, args.warmup, args.rounds, Path(work), args.gap_ms / 1e3,
-                                      linears=alone))
+                                      linears=alone, plain=args.plain and not alone))
                     r = rows[-1]
                     print(f"{r['model']} {size}px: eager {r['eager_ms']:.1f}, ORT {r['ort_fp32_ms']:.1f}/"
                           f"{r['ort_int8_ms']:.1f}, ET {r['et_fp32_ms']:.1f}/{r['et_int8_ms']:.1f} ms (fp32/int8), ET export "
@@ -236,6 +243,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{title}\nCPU flags: {' '.join(machine['flags'])}; fp32 torch.mm 2048: "
           f"{statistics.median(r['mm_flop_per_s'] for r in rows) / 1e9:.0f} GFLOP/s\n")
     print(table(rows))
+    for r in rows:
+        if "et_fp32_plain_ms" in r:
+            print(f"{r['model']} {r['size']}px ET without eupe.export.blocks (the same rounds): fp32 "
+                  f"{r['et_fp32_plain_ms']:.1f} ms ({r['et_fp32_plain_x_ort']:.2f}x ORT), int8 {r['et_int8_plain_ms']:.1f} ms "
+                  f"({r['et_int8_plain_x_ort']:.2f}x ORT)")
     for r in rows:
         for dtype in ("fp32", "int8"):
             left = r[f"et_{dtype}_non_delegated"]

@@ -132,13 +132,14 @@ def _dynamic_conv_ok(node: torch.fx.Node) -> bool:
 
 
 def to_program(module: nn.Module, example: torch.Tensor, int8: Int8 | None = None,
-               calibration: Iterable[torch.Tensor] | None = None) -> ExportedProgram:
+               calibration: Iterable[torch.Tensor] | None = None, rewrite_blocks: bool = True) -> ExportedProgram:
     """``torch.export`` of an eval-mode ``module`` at the static shape of ``example`` (quantized first when
     ``int8`` is given), rewritten so that XNNPACK takes every compute operator (:mod:`eupe.export.rewrite`):
     ViT blocks as :func:`~eupe.export.blocks.xnnpack_blocks` and LayerNorms as
-    :class:`~eupe.export.rewrite.GemmLayerNorm` first, the rest on the exported graph."""
+    :class:`~eupe.export.rewrite.GemmLayerNorm` first, the rest on the exported graph. ``rewrite_blocks=False``
+    leaves timm's ViT blocks as they are (``benchmarks/export_latency.py --plain``: the rewrite's A/B)."""
     with torch.no_grad():
-        module = gemm_layer_norms(xnnpack_blocks(module, int8=int8 is not None))
+        module = gemm_layer_norms(xnnpack_blocks(module, int8=int8 is not None) if rewrite_blocks else module)
         if int8 is not None:
             module = quantize_int8(module, example, int8, calibration)
         return xnnpack_friendly(torch.export.export(module, (example,), strict=False))
