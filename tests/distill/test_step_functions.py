@@ -220,3 +220,30 @@ def test_micro_step_backpropagates_the_loss_divided_by_the_accumulation(micro):
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(grads[1] * 4, grads[0], rtol=1e-4, atol=1e-7)
     assert grads[0].abs().sum() > 0
+
+
+# --- input preparation: enlarging takes the plain bilinear kernel, shrinking the antialiased one ---------
+
+
+@pytest.mark.parametrize("src,size", [(100, 112), (95, 96), (112, 64), (112, 96), (120, 120)])
+def test_prepare_resizes_as_the_antialiased_bilinear_resize(src, size):
+    """The same values as antialiased bilinear everywhere (enlarging: to float rounding, shrinking: the same call)."""
+    g = torch.Generator().manual_seed(src + size)
+    images = torch.randint(0, 256, (2, 3, src, src), generator=g, dtype=torch.uint8)
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    x = images.float() / 255
+    if src != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(prepare(images, size, mean, std), (x - mean) / std, rtol=0, atol=1e-5)
+
+
+def test_prepare_antialiases_a_shrink_along_either_side():
+    """Shrinking one side and enlarging the other still antialiases (plain bilinear would alias the shrink)."""
+    images = torch.zeros(1, 3, 20, 100, dtype=torch.uint8)
+    images[..., ::2] = 255  # a one-pixel stripe pattern across the side that shrinks
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    out = prepare(images, 30, mean, std)
+    expected = F.interpolate(images.float() / 255, size=(30, 30), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(out, expected)
+    plain = F.interpolate(images.float() / 255, size=(30, 30), mode="bilinear", antialias=False, align_corners=False)
+    assert (out - plain).abs().max() > 0.1
