@@ -15,10 +15,14 @@ FLOP floor = the forward's FLOPs (``FlopCounterMode``, CPU attention counted as 
 before each model). Random weights: latency does not depend on them (int8 parity on trained weights is
 the export tests' business). Every library runs ``--threads`` threads. ``--linears`` adds, per ViT, a row of
 its blocks' linear layers alone (qkv, proj, fc1, fc2 chained on the token matrix, the same shapes): the GEMM
-kernels of each library compared with nothing else in the graph.
+kernels of each library compared with nothing else in the graph. On a CPU with AMX-INT8 (Intel Xeon since
+Sapphire Rapids) ONNX Runtime's int8 GEMMs use AMX tiles, which ExecuTorch's XNNPACK, AMD CPUs and phones do not
+have; ``--amx-peer auto`` (the default there) adds ONNX Runtime's int8 once more in a child process refused
+AMX (``no_amx.py``): the peer on its AVX-512 VNNI kernels, as a CPU without AMX runs it, in the same rounds.
 
     .venv/bin/python benchmarks/export_latency.py [--quick] [--models vit_s vit_b] [--sizes 256 512]
-        [--threads 2] [--rounds 10] [--gap-ms 100] [--linears] [--plain] [--json out.json] [--png out.png]
+        [--threads 2] [--rounds 10] [--gap-ms 100] [--linears] [--plain] [--amx-peer auto|both|with]
+        [--json out.json] [--png out.png]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import no_amx  # noqa: E402
 import ort_peer  # noqa: E402
 from train_throughput import OtherLoad, _cpu_attention_flops, matmul_rate  # noqa: E402
 
@@ -93,7 +98,7 @@ class Linears(torch.nn.Module):
 
 
 def bench(name: str, size: int, n_threads: int, warmup: int, rounds: int, work: Path, gap_s: float = 0.1,
-          linears: bool = False, plain: bool = False) -> dict:
+          linears: bool = False, plain: bool = False, without_amx: bool = False) -> dict:
     torch.manual_seed(0)
     spec = ModelSpec(model=name, img_size=size)
     model = build_model(spec).eval()
@@ -113,6 +118,8 @@ def bench(name: str, size: int, n_threads: int, warmup: int, rounds: int, work: 
     row["ort_int8_export_s"] = ort_peer.quantize_int8(onnx, work / f"{stem}_{size}_int8.onnx")
     runners["ort_fp32"] = ort_peer.session(onnx, n_threads, x)
     runners["ort_int8"] = ort_peer.session(work / f"{stem}_{size}_int8.onnx", n_threads, x)
+    if without_amx:  # ONNX Runtime's int8 in a child process refused AMX (no_amx.py): its VNNI kernels
+        runners["ort_int8_noamx"] = no_amx.Session(work / f"{stem}_{size}_int8.onnx", n_threads, x, work)
 
     int8 = ExportConfig().int8_activations
     for dtype, rewrite in [(d, r) for r in ((True, False) if plain else (True,)) for d in ("fp32", "int8")]:
@@ -136,10 +143,13 @@ def bench(name: str, size: int, n_threads: int, warmup: int, rounds: int, work: 
             for k in order:
                 time.sleep(gap_s)  # the previous runner's spinning threads park
                 t = time.perf_counter()
-                runners[k]()
+                out = runners[k]()
+                ms = out if getattr(runners[k], "remote", False) else (time.perf_counter() - t) * 1e3
                 if i >= warmup:
-                    times[k].append((time.perf_counter() - t) * 1e3)
+                    times[k].append(ms)  # a remote runner's own timing, without the pipe's round trip
     row["other_cpus"] = load.cores()
+    for k in order:
+        getattr(runners[k], "close", lambda: None)()
     for k in order:
         row[f"{k}_ms"] = statistics.median(times[k])
         row[f"{k}_runs_ms"] = times[k]
@@ -158,6 +168,8 @@ def finish(rows: list[dict]) -> None:
         r["et_fp32_x_ort"] = r["et_fp32_ms"] / r["ort_fp32_ms"]
         r["et_int8_x_ort"] = r["et_int8_ms"] / r["ort_int8_ms"]
         r["et_int8_x_et_fp32"] = r["et_int8_ms"] / r["et_fp32_ms"]
+        if "ort_int8_noamx_ms" in r:
+            r["et_int8_x_ort_noamx"] = r["et_int8_ms"] / r["ort_int8_noamx_ms"]
         for dtype in ("fp32", "int8") if "et_fp32_plain_ms" in r else ():
             r[f"et_{dtype}_plain_x_ort"] = r[f"et_{dtype}_plain_ms"] / r[f"ort_{dtype}_ms"]
 
@@ -167,15 +179,19 @@ def _cpus(v: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    noamx = any("ort_int8_noamx_ms" in r for r in rows)
     head = ("| model | px | GFLOP | floor ms | eager ms (x floor) | ORT fp32 ms | ET fp32 ms (x ORT) | "
-            "ORT int8 ms | ET int8 ms (x ORT) | ET export s fp32/int8 | other CPUs |")
+            "ORT int8 ms | ET int8 ms (x ORT) |" + (" ORT int8 without AMX ms (ET int8 x) |" if noamx else "") +
+            " ET export s fp32/int8 | other CPUs |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['size']} | {r['flops'] / 1e9:.1f} | {r['floor_ms']:.1f} | "
             f"{r['eager_ms']:.1f} ({r['eager_x_floor']:.2f}x) | {r['ort_fp32_ms']:.1f} | "
             f"{r['et_fp32_ms']:.1f} ({r['et_fp32_x_ort']:.2f}x) | {r['ort_int8_ms']:.1f} | "
-            f"{r['et_int8_ms']:.1f} ({r['et_int8_x_ort']:.2f}x) | "
+            f"{r['et_int8_ms']:.1f} ({r['et_int8_x_ort']:.2f}x) | " +
+            (f"{r['ort_int8_noamx_ms']:.1f} ({r['et_int8_x_ort_noamx']:.2f}x) | " if "ort_int8_noamx_ms" in r else
+             "n/a | " if noamx else "") +
             f"{r['et_fp32_export_s']:.0f}/{r['et_int8_export_s']:.0f} | "
             f"{_cpus(r['other_cpus'])} |")
     return "\n".join(lines)
@@ -212,6 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--linears", action="store_true", help="also a row of each ViT's block linears alone")
     ap.add_argument("--plain", action="store_true",
                     help="also time ExecuTorch programs lowered without eupe.export.blocks, in the same rounds (A/B)")
+    ap.add_argument("--amx-peer", choices=["auto", "both", "with"], default="auto",
+                    help="auto: on a CPU with AMX-INT8 also time ONNX Runtime's int8 refused AMX (no_amx.py), as on "
+                         "every CPU without it; with: only as ONNX Runtime runs here")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -222,13 +241,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     portable_lib._unsafe_reset_threadpool(args.threads)
     machine = cpu()
+    without_amx = args.amx_peer == "both" or (args.amx_peer == "auto" and "amx_int8" in machine["flags"])
     with tempfile.TemporaryDirectory() as work:
         rows = []
         for name in models:
             for size in sizes:
                 for alone in (False, True) if args.linears and "vit" in name else (False,):
                     rows.append(bench(name, size, args.threads, args.warmup, args.rounds, Path(work), args.gap_ms / 1e3,
-                                      linears=alone, plain=args.plain and not alone))
+                                      linears=alone, plain=args.plain and not alone, without_amx=without_amx))
                     r = rows[-1]
                     print(f"{r['model']} {size}px: eager {r['eager_ms']:.1f}, ORT {r['ort_fp32_ms']:.1f}/"
                           f"{r['ort_int8_ms']:.1f}, ET {r['et_fp32_ms']:.1f}/{r['et_int8_ms']:.1f} ms (fp32/int8), ET export "
@@ -243,6 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{title}\nCPU flags: {' '.join(machine['flags'])}; fp32 torch.mm 2048: "
           f"{statistics.median(r['mm_flop_per_s'] for r in rows) / 1e9:.0f} GFLOP/s\n")
     print(table(rows))
+    for r in rows:
+        if "ort_int8_noamx_ms" in r:
+            print(f"{r['model']} {r['size']}px ORT int8 refused AMX (VNNI kernels, as on a CPU without AMX; the same "
+                  f"rounds): {r['ort_int8_noamx_ms']:.1f} ms; ET int8 {r['et_int8_x_ort_noamx']:.2f}x that")
     for r in rows:
         if "et_fp32_plain_ms" in r:
             print(f"{r['model']} {r['size']}px ET without eupe.export.blocks (the same rounds): fp32 "
