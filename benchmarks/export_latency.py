@@ -202,11 +202,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     labels = [f"{r['model']}\n{r['size']}px" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5), dpi=100)
-    width = 0.16
-    for i, (k, color) in enumerate(zip(RUNNERS, ["tab:gray", "tab:blue", "tab:cyan", "tab:orange", "tab:red"])):
-        ax.bar([j + (i - 2) * width for j in range(len(rows))], [r[f"{k}_ms"] / r["floor_ms"] for r in rows],
-               width, label=k.replace("_", " "), color=color)
+    bars = list(zip(RUNNERS, ["tab:gray", "tab:blue", "tab:cyan", "tab:orange", "tab:red"]))
+    if all("ort_int8_noamx_ms" in r for r in rows):
+        bars.insert(4, ("ort_int8_noamx", "navajowhite"))
+    width = 0.8 / len(bars)
+    for i, (k, color) in enumerate(bars):
+        ax.bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))],
+               [r[f"{k}_ms"] / r["floor_ms"] for r in rows], width,
+               label=k.replace("_noamx", " without AMX").replace("_", " "), color=color)
     ax.axhline(1.0, color="black", linewidth=1, label="fp32 FLOP floor")
+    ax.set_ylim(0, 1.3 * max(r[f"{k}_ms"] / r["floor_ms"] for r in rows for k, _ in bars))  # room for the legend
     ax.set_xticks(range(len(rows)), labels)
     ax.set_ylabel("median latency / fp32 FLOP floor")
     ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=8)
