@@ -186,7 +186,7 @@ def _train_one(cfg: Config, index: int, spec: TeacherSpec, parts: dict, device: 
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=t.lr, fused=True)  # one op per group, as the trainer's
+                            lr=t.lr)
     warmup = max(1, t.iters // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / t.iters))))
