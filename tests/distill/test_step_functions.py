@@ -222,12 +222,12 @@ def test_micro_step_backpropagates_the_loss_divided_by_the_accumulation(micro):
     assert grads[0].abs().sum() > 0
 
 
-# --- input preparation: enlarging takes the plain bilinear kernel, shrinking the antialiased one ---------
+# --- input preparation: an antialiased bilinear resize, then the model's normalization ---------------------
 
 
 @pytest.mark.parametrize("src,size", [(100, 112), (95, 96), (112, 64), (112, 96), (120, 120)])
 def test_prepare_resizes_as_the_antialiased_bilinear_resize(src, size):
-    """The same values as antialiased bilinear everywhere (enlarging: to float rounding, shrinking: the same call)."""
+    """uint8 -> [0, 1] -> antialiased bilinear to the size -> (x - mean) / std, enlarging or shrinking."""
     g = torch.Generator().manual_seed(src + size)
     images = torch.randint(0, 256, (2, 3, src, src), generator=g, dtype=torch.uint8)
     mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
