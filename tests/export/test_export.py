@@ -269,6 +269,19 @@ def test_cli_routes_weights_to_the_chosen_encoder(tmp_path: Path, tiny_data: Pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("size", ["0", "-64"])
+def test_cli_refuses_a_size_that_is_not_positive(tmp_path: Path, tiny_data: Path, vit_weights: Path, size: str,
+                                                 capsys: pytest.CaptureFixture[str]):
+    """--resolution 0 is the user's size, checked like the config's, not a missing flag (the default size)."""
+    from eupe.cli import main
+
+    code = main(["export", "--weights", str(vit_weights), "--data", str(tiny_data), "--resolution", size,
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "export.resolutions" in err and f"got [{size}]" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_shards_are_refused_before_compute(tmp_path: Path, vit_weights: Path):
     shard = tmp_path / "train-0000.tar"
     tarfile.open(shard, "w").close()

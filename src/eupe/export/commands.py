@@ -13,7 +13,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     extra = input_overrides(args)
     if args.weights:
         extra.append((f"{args.encoder}.weights", args.weights))
-    if args.resolution:
+    if args.resolution is not None:  # 0 or a negative size reaches the config check, not silently the default
         extra.append(("export.resolutions", [args.resolution]))
     result = run_export(load(args, extra), args.out, encoder=args.encoder, dtypes=[args.dtype] if args.dtype else None,
                         only=args.only)
