@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from eupe.commands import TEACHERS_HELP, config_args, input_overrides, load
 
