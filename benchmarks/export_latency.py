@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="pause before each timed call, for the previous runner's spinning threads to park")
     ap.add_argument("--linears", action="store_true", help="also a row of each ViT's block linears alone")
     ap.add_argument("--plain", action="store_true",
-                    help="also time ExecuTorch programs lowered without eupe.export.blocks, in the same rounds (A/B)")
+                    help="also time ExecuTorch programs lowered without eupe.export.blocks and .depthwise, in the same rounds (A/B)")
     ap.add_argument("--amx-peer", choices=["auto", "both", "with"], default="auto",
                     help="auto: on a CPU with AMX-INT8 also time ONNX Runtime's int8 refused AMX (no_amx.py), as on "
                          "every CPU without it; with: only as ONNX Runtime runs here")
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"rounds): {r['ort_int8_noamx_ms']:.1f} ms; ET int8 {r['et_int8_x_ort_noamx']:.2f}x that")
     for r in rows:
         if "et_fp32_plain_ms" in r:
-            print(f"{r['model']} {r['size']}px ET without eupe.export.blocks (the same rounds): fp32 "
+            print(f"{r['model']} {r['size']}px ET without eupe.export.blocks and .depthwise (the same rounds): fp32 "
                   f"{r['et_fp32_plain_ms']:.1f} ms ({r['et_fp32_plain_x_ort']:.2f}x ORT), int8 {r['et_int8_plain_ms']:.1f} ms "
                   f"({r['et_int8_plain_x_ort']:.2f}x ORT)")
     for r in rows:

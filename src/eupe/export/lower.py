@@ -18,6 +18,7 @@ from torch.export import ExportedProgram
 from eupe.config import ModelSpec
 from eupe.errors import EupeError
 from eupe.export.blocks import xnnpack_blocks
+from eupe.export.depthwise import split_depthwise
 from eupe.export.rewrite import GemmLayerNorm, forget_provenance, gemm_layer_norms, xnnpack_friendly
 from eupe.export.runtime import first_line
 from eupe.models.features import extract_features
@@ -135,11 +136,14 @@ def to_program(module: nn.Module, example: torch.Tensor, int8: Int8 | None = Non
                calibration: Iterable[torch.Tensor] | None = None, rewrite_blocks: bool = True) -> ExportedProgram:
     """``torch.export`` of an eval-mode ``module`` at the static shape of ``example`` (quantized first when
     ``int8`` is given), rewritten so that XNNPACK takes every compute operator (:mod:`eupe.export.rewrite`):
-    ViT blocks as :func:`~eupe.export.blocks.xnnpack_blocks` and LayerNorms as
-    :class:`~eupe.export.rewrite.GemmLayerNorm` first, the rest on the exported graph. ``rewrite_blocks=False``
-    leaves timm's ViT blocks as they are (``benchmarks/export_latency.py --plain``: the rewrite's A/B)."""
+    ViT blocks as :func:`~eupe.export.blocks.xnnpack_blocks`, large depthwise convolutions (ConvNeXt's 7 x 7) as
+    :func:`~eupe.export.depthwise.split_depthwise` and LayerNorms as :class:`~eupe.export.rewrite.GemmLayerNorm`
+    first, the rest on the exported graph. ``rewrite_blocks=False`` leaves timm's blocks and convolutions as
+    they are (``benchmarks/export_latency.py --plain``: the rewrites' A/B)."""
     with torch.no_grad():
-        module = gemm_layer_norms(xnnpack_blocks(module, int8=int8 is not None) if rewrite_blocks else module)
+        if rewrite_blocks:
+            module = split_depthwise(xnnpack_blocks(module, int8=int8 is not None))
+        module = gemm_layer_norms(module)
         if int8 is not None:
             module = quantize_int8(module, example, int8, calibration)
         return xnnpack_friendly(torch.export.export(module, (example,), strict=False))
