@@ -17,11 +17,11 @@ Every piece keeps the output size because each is symmetric about the centre row
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from eupe.export.rewrite import swap_modules
 
 FAST_TAPS = 25  # the largest window XNNPACK's depthwise kernels take in one pass (5 x 5)
 
@@ -57,6 +57,7 @@ class SplitDepthwise(nn.Module):
             self.register_buffer(f"w{i}", conv.weight.detach()[:, :, rows].clone())
             self.pieces.append((pad_h - rows[0], dilation))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+        self.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
@@ -70,11 +71,4 @@ class SplitDepthwise(nn.Module):
 def split_depthwise(module: nn.Module) -> nn.Module:
     """A copy of ``module`` with every depthwise convolution over :data:`FAST_TAPS` taps as
     :class:`SplitDepthwise` (``module`` itself when it has none: a ViT)."""
-    if not any(_large_depthwise(m) for m in module.modules()):
-        return module
-    module = copy.deepcopy(module)
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if _large_depthwise(child):
-                setattr(parent, name, SplitDepthwise(child))
-    return module.eval()
+    return swap_modules(module, _large_depthwise, SplitDepthwise)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,17 +77,24 @@ def plain_layer_norm(m: nn.Module) -> bool:
     return type(m) in (nn.LayerNorm, TimmLayerNorm) and len(m.normalized_shape) == 1
 
 
-def gemm_layer_norms(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` with every plain LayerNorm a :class:`GemmLayerNorm` (``module`` itself when it has
-    none; never modified)."""
-    if not any(plain_layer_norm(m) for m in module.modules()):
+def swap_modules(module: nn.Module, match: Callable[[nn.Module], bool],
+                 make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """A copy of ``module`` with every submodule ``m`` for which ``match(m)`` replaced by ``make(m)`` (``module``
+    itself when none matches; never modified)."""
+    if not any(match(m) for m in module.modules()):
         return module
     module = copy.deepcopy(module)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if plain_layer_norm(child):
-                setattr(parent, name, GemmLayerNorm(child))
+            if match(child):
+                setattr(parent, name, make(child))
     return module
+
+
+def gemm_layer_norms(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every plain LayerNorm a :class:`GemmLayerNorm` (``module`` itself when it has
+    none; never modified)."""
+    return swap_modules(module, plain_layer_norm, GemmLayerNorm)
 
 
 def _select(x, dim, index):
