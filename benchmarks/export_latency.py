@@ -126,7 +126,7 @@ def bench(name: str, size: int, n_threads: int, warmup: int, rounds: int, work: 
         key = f"et_{dtype}" if rewrite else f"et_{dtype}_plain"
         t = time.perf_counter()
         lowered = lower_methods({"forward": lambda d=dtype, r=rewrite: to_program(static, x, int8 if d == "int8" else None,
-                                                                                  rewrite_blocks=r)},
+                                                                                  rewrite_modules=r)},
                                 f"{name}_{size}_{dtype}")
         row[f"{key}_export_s"] = time.perf_counter() - t
         row[f"{key}_bytes"] = len(lowered.program)

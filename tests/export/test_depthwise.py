@@ -74,7 +74,7 @@ def test_a_convnext_lowers_without_a_large_depthwise_window_and_the_same_outputs
     torch.manual_seed(0)
     model = EncoderOutputs(fixed_size(build_model(spec).eval(), spec, 64)).eval()
     x = torch.randn(1, 3, 64, 64)
-    before = _depthwise_windows(to_program(model, x, int8, rewrite_blocks=False))
+    before = _depthwise_windows(to_program(model, x, int8, rewrite_modules=False))
     after = _depthwise_windows(to_program(model, x, int8))
     assert before == [49] * 4 and sorted(after) == sorted([21, 14, 14] * 4)  # four blocks, three pieces each
     lowered = lower_methods({"forward": lambda: to_program(model, x, int8)}, f"convnext_{int8}")

@@ -133,15 +133,15 @@ def _dynamic_conv_ok(node: torch.fx.Node) -> bool:
 
 
 def to_program(module: nn.Module, example: torch.Tensor, int8: Int8 | None = None,
-               calibration: Iterable[torch.Tensor] | None = None, rewrite_blocks: bool = True) -> ExportedProgram:
+               calibration: Iterable[torch.Tensor] | None = None, rewrite_modules: bool = True) -> ExportedProgram:
     """``torch.export`` of an eval-mode ``module`` at the static shape of ``example`` (quantized first when
     ``int8`` is given), rewritten so that XNNPACK takes every compute operator (:mod:`eupe.export.rewrite`):
     ViT blocks as :func:`~eupe.export.blocks.xnnpack_blocks`, large depthwise convolutions (ConvNeXt's 7 x 7) as
     :func:`~eupe.export.depthwise.split_depthwise` and LayerNorms as :class:`~eupe.export.rewrite.GemmLayerNorm`
-    first, the rest on the exported graph. ``rewrite_blocks=False`` leaves timm's blocks and convolutions as
+    first, the rest on the exported graph. ``rewrite_modules=False`` leaves timm's blocks and convolutions as
     they are (``benchmarks/export_latency.py --plain``: the rewrites' A/B)."""
     with torch.no_grad():
-        if rewrite_blocks:
+        if rewrite_modules:
             module = split_depthwise(xnnpack_blocks(module, int8=int8 is not None))
         module = gemm_layer_norms(module)
         if int8 is not None:
