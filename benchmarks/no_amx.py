@@ -73,14 +73,17 @@ class Session:
     def __init__(self, path: Path, threads: int, example, work: Path):
         import numpy as np
 
-        npy = work / f"{Path(path).stem}_input.npy"
+        npy, log = work / f"{Path(path).stem}_input.npy", work / f"{Path(path).stem}_noamx.log"
         np.save(npy, example.numpy())
-        self.proc = subprocess.Popen([sys.executable, __file__, str(path), str(threads), str(npy)], text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with open(log, "w") as err:  # a file, not a pipe nobody reads during the rounds (a full pipe blocks the child)
+            self.proc = subprocess.Popen([sys.executable, __file__, str(path), str(threads), str(npy)], text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         ready = self.proc.stdout.readline().strip()
         if ready != "ready":
             self.proc.kill()
-            raise OSError(f"no_amx.py: {ready or self.proc.stderr.read().strip().splitlines()[-1:]}")
+            self.proc.wait()
+            last = (log.read_text().strip().splitlines() or ["exited before it was ready"])[-1]
+            raise OSError(f"no_amx.py: {ready or last}")
 
     def __call__(self) -> float:
         self.proc.stdin.write("run\n")
