@@ -64,7 +64,7 @@ BUGS = [
     Bug("gate-fidelity-tol-0", "the gate reads every fidelity.* tolerance as 0",
         "evaluate/gate.py", "tol = tolerances.get(metric, 0.0)",
         "tol = 0.0 if metric == \"fidelity\" else tolerances.get(metric, 0.0)", ("tests/evaluate/test_gate.py",)),
-    Bug("write-not-atomic", "_atomic_write_local made non-atomic (copy + unlink)",
+    Bug("write-not-atomic", "atomic_write_local made non-atomic (copy + unlink)",
         "storage.py", "        os.replace(tmp, path)\n", "        shutil.copyfile(tmp, path)\n        os.unlink(tmp)\n",
         ("tests/test_storage.py",)),
     Bug("atomic-dir-rm-first", "atomic_dir removes the old folder before the rename",

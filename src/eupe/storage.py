@@ -45,6 +45,7 @@ RANGE_RETRIES = 5  # a broken S3 download resumes from the byte it reached this 
 __all__ = [
     "SUCCESS_MARKER",
     "atomic_dir",
+    "atomic_write_local",
     "delete",
     "download_dir",
     "entries",
@@ -249,7 +250,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_local(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+def atomic_write_local(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     """``data`` to a temporary file in ``tmp_dir`` (default: beside ``path``; on the same filesystem), flushed
     to disk, then renamed onto ``path``."""
     _writing(path)
@@ -532,7 +533,7 @@ def write_bytes(uri: PathLike, data: bytes) -> None:
         except (ClientError, BotoCoreError) as e:
             raise _s3_error("write", str(uri), e) from e
     else:
-        _atomic_write_local(Path(uri), data)
+        atomic_write_local(Path(uri), data)
 
 
 def parse_json(data: bytes | str, uri: PathLike) -> Any:
@@ -651,7 +652,7 @@ def local_copy(uri: PathLike, cache_dir: PathLike | None = None) -> Path:
         if isinstance(e, (ClientError, BotoCoreError)):
             raise _s3_error("read", uri, e) from e
         raise
-    _atomic_write_local(
+    atomic_write_local(
         sidecar, json.dumps({"etag": resp["ETag"], "size": dest.stat().st_size}).encode()
     )
     return dest

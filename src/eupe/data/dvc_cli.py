@@ -28,7 +28,7 @@ def _atomic_dump_data(path, data, dumper, fs=None, **dumper_args):
     text = io.StringIO()
     dumper(data, text, **dumper_args)
     path = Path(os.path.abspath(os.fspath(path)))
-    storage._atomic_write_local(path, text.getvalue().encode("utf-8"), tmp_dir=_temp_folder(path))
+    storage.atomic_write_local(path, text.getvalue().encode("utf-8"), tmp_dir=_temp_folder(path))
     return None
 
 
