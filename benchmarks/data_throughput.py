@@ -57,6 +57,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import _free_port, _wait_until_up  # noqa: E402 - the tests' moto_server helpers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from args import non_negative, positive  # noqa: E402
+
 from eupe import storage  # noqa: E402
 from eupe.data import decode as dec  # noqa: E402 - the profile times the decoder's stages one by one
 from eupe.data import loader as ld  # noqa: E402
@@ -68,6 +71,7 @@ from eupe.distill.targets import prepare  # noqa: E402
 
 PYRAMID = (256, 384, 512)  # the paper's stage-3 resolutions
 SIZES = ("256", "512", "stage3")
+SOURCES = ("local folder", "s3 folder", "local shards", "s3 shards", "mix 90/10")  # the order of the table's rows
 PHOTO_SIZES = ((500, 375), (640, 480), (800, 600), (1024, 768))  # width x height; portrait too
 PATHS = {"before": False, "after": True}  # the loaders' ``fast``
 
@@ -268,14 +272,15 @@ def cpu_model() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=160, help="images per measurement")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to try")
+    ap.add_argument("--images", type=positive, default=160, help="images per measurement")
+    ap.add_argument("--batch", type=positive, default=16)
+    ap.add_argument("--workers", type=non_negative, nargs="+", default=[0, 2], help="DataLoader workers to try")
     ap.add_argument("--sizes", nargs="+", default=["256"], choices=SIZES, help="output sizes to measure")
-    ap.add_argument("--sources", nargs="+", default=None, help="source names to measure (default: all)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved before/after rounds (median shown)")
-    ap.add_argument("--per-shard", type=int, default=16)
-    ap.add_argument("--profile-rounds", type=int, default=3,
+    ap.add_argument("--sources", nargs="+", default=None, choices=SOURCES, metavar="SOURCE",
+                    help=f"sources to measure (default: all of {', '.join(repr(s) for s in SOURCES)})")
+    ap.add_argument("--rounds", type=positive, default=3, help="interleaved before/after rounds (median shown)")
+    ap.add_argument("--per-shard", type=positive, default=16)
+    ap.add_argument("--profile-rounds", type=non_negative, default=3,
                     help="interleaved rounds of the per-stage CPU profile at 256 px over the local folder (0: none)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
@@ -303,6 +308,7 @@ def main() -> None:
                                                  shuffle_buffer=64),
                 "mix 90/10": lambda: Mixture([local, remote], [0.9, 0.1], ["local", "s3"]),
             }
+            assert list(sources) == list(SOURCES)
             rows = []
             for name, make in sources.items():
                 if args.sources and name not in args.sources:

@@ -44,13 +44,14 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import no_amx  # noqa: E402
 import ort_peer  # noqa: E402
+from args import non_negative, one_line_errors, positive  # noqa: E402
 from train_throughput import OtherLoad, _cpu_attention_flops, matmul_rate  # noqa: E402
 
 from eupe import storage  # noqa: E402
 from eupe.config import ExportConfig, ModelSpec  # noqa: E402
-from eupe.export.lower import EncoderOutputs, fixed_size, lower_methods, to_program  # noqa: E402
+from eupe.export.lower import EncoderOutputs, check_size, fixed_size, lower_methods, to_program  # noqa: E402
 from eupe.export.runtime import load_forward, threads  # noqa: E402
-from eupe.models.registry import build_model  # noqa: E402
+from eupe.models.registry import build_model, check_model_name  # noqa: E402
 
 MODELS = ["vit_t", "vit_s", "vit_b", "convnext_t", "convnext_b"]
 SIZES = [256, 512]
@@ -220,14 +221,25 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def check_inputs(models: list[str], sizes: list[int]) -> None:
+    """Every model known to timm and every size one it can be exported at, before the first (minutes-long) row."""
+    for name in models:
+        check_model_name(name, "--models")
+    for name in models:
+        model = build_model(ModelSpec(model=name, img_size=max(sizes)), "--models")
+        for size in sizes:
+            check_size(model, ModelSpec(model=name, img_size=size), size, "--sizes")
+
+
+@one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=None, help=f"student aliases or timm names (default {MODELS})")
-    ap.add_argument("--sizes", nargs="+", type=int, default=None, help=f"input sizes in px (default {SIZES})")
+    ap.add_argument("--sizes", nargs="+", type=positive, default=None, help=f"input sizes in px (default {SIZES})")
     ap.add_argument("--quick", action="store_true", help=f"{QUICK[0]} at {QUICK[1]} px unless --models/--sizes say")
-    ap.add_argument("--threads", type=int, default=2, help="threads of torch, ONNX Runtime and ExecuTorch's threadpool")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds")
-    ap.add_argument("--rounds", type=int, default=10, help="timed rounds (one forward of every runner each)")
+    ap.add_argument("--threads", type=positive, default=2, help="threads of torch, ONNX Runtime and ExecuTorch's threadpool")
+    ap.add_argument("--warmup", type=non_negative, default=2, help="untimed rounds")
+    ap.add_argument("--rounds", type=positive, default=10, help="timed rounds (one forward of every runner each)")
     ap.add_argument("--gap-ms", type=float, default=100.0,
                     help="pause before each timed call, for the previous runner's spinning threads to park")
     ap.add_argument("--linears", action="store_true", help="also a row of each ViT's block linears alone")
@@ -241,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     models = args.models or (QUICK[0] if args.quick else MODELS)
     sizes = args.sizes or (QUICK[1] if args.quick else SIZES)
+    check_inputs(models, sizes)
     from executorch.extension.pybindings import portable_lib
 
     torch.set_num_threads(args.threads)

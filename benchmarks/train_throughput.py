@@ -51,6 +51,9 @@ from eupe.distill.trainer import build_distill_model, build_optimizer, draw_reso
 from eupe.hardware import cpu_bf16
 from eupe.models.features import feature_dims
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from args import non_negative, one_line_errors, positive  # noqa: E402
+
 STAGE = 2
 PHASES = ("teacher", "student", "optim")  # teacher fwd | student fwd+bwd (adapter, loss) | clip+AdamW+sched
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -258,25 +261,24 @@ def _rows(flops: dict[str, int], runs: list[dict[str, float]], batch: int, mm_ra
     return rows
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8, help="images per step (one micro-batch)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per precision (median reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first, per precision")
-    ap.add_argument("--size", type=int, default=256, help="teacher and student input size")
-    ap.add_argument("--hidden", type=int, default=Config().stage2.adapter_hidden, help="adapter MLP width")
+    ap.add_argument("--batch", type=positive, default=8, help="images per step (one micro-batch)")
+    ap.add_argument("--steps", type=positive, default=5, help="timed steps per precision (median reported)")
+    ap.add_argument("--warmup", type=non_negative, default=2, help="untimed steps first, per precision")
+    ap.add_argument("--size", type=positive, default=256, help="teacher and student input size")
+    ap.add_argument("--hidden", type=positive, default=Config().stage2.adapter_hidden, help="adapter MLP width")
     ap.add_argument("--teacher", default="vit_base_patch16_224", help="proxy geometry (timm name)")
     ap.add_argument("--student", default="vit_small_patch16_224", help="student (timm name)")
     ap.add_argument("--precision", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"],
                     help="time the step in each (interleaved, side by side; default: fp32 bf16)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--matmul-n", type=int, default=2048, help="size of the reference matmul")
+    ap.add_argument("--threads", type=positive, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--matmul-n", type=positive, default=2048, help="size of the reference matmul")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="first wait up to S seconds for other processes to leave the CPUs idle")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        ap.error("--batch and --steps must be >= 1, --warmup >= 0")
     precisions = list(dict.fromkeys(args.precision))
     if args.threads:
         torch.set_num_threads(args.threads)
