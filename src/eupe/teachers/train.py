@@ -196,13 +196,14 @@ def _train_one(cfg: Config, index: int, spec: TeacherSpec, parts: dict, device: 
     model.train()
     heads.train()
     perm, pos = torch.randperm(n, generator=g), 0
+    used = ("image", "label") if t.objective != "dense" else ("image", "mask", "depth")  # what _forward reads
     bar = progress(total=t.iters, desc=f"teacher {spec.name}", unit="step")
     for _ in range(t.iters):
         if pos + t.batch_size > n:
             perm, pos = torch.randperm(n, generator=g), 0
         idx = perm[pos : pos + t.batch_size]
         pos += t.batch_size
-        batch = _augment({k: v[idx] for k, v in train.items()}, g)
+        batch = _augment({k: train[k][idx] for k in used}, g)
         batch = {k: v.to(device) for k, v in batch.items()}
         out = _forward(model, heads, batch, spec.img_size, mean, std, ignore)
         opt.zero_grad(set_to_none=True)
