@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from args import positive  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PARSE = """
@@ -67,7 +70,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--data", default="data")
-    p.add_argument("--parses", type=int, default=5)
+    p.add_argument("--parses", type=positive, default=5)
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args()
     params = {"config": args.config, "dataset_uri": args.data, "model_name": "bench_student"}

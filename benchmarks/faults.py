@@ -34,12 +34,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "faults"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from args import positive  # noqa: E402
 import harness  # noqa: E402  (tests/faults/harness.py: the machinery shared with the pytest suite)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kills", type=int, default=3, help="kills per step (SIGKILL and SIGTERM alternate; default 3)")
+    p.add_argument("--kills", type=positive, default=3, help="kills per step (SIGKILL and SIGTERM alternate; default 3)")
     p.add_argument("--seed", default="0", help="seed of the kill points and signals (default 0)")
     p.add_argument("--steps", nargs="+", default=list(harness.STEPS), choices=harness.STEPS, metavar="STEP",
                    help=f"steps to kill (default all: {' '.join(harness.STEPS)})")

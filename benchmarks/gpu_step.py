@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from args import non_negative, positive  # noqa: E402
 from train_throughput import _cpu_attention_flops, matmul_rate  # noqa: E402
 
 from eupe.config import Config, load_config  # noqa: E402
@@ -161,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs/eupe_vit_b.yaml"))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny models of the same families (the CPU check)")
-    p.add_argument("--stage1-micro-batch", type=int, default=4, help="stage 1 images per step (default 4: one "
+    p.add_argument("--stage1-micro-batch", type=positive, default=4, help="stage 1 images per step (default 4: one "
                    "80 GiB GPU holds the proxy's fp32 weights, gradients and moments and the three teachers)")
-    p.add_argument("--stage2-micro-batch", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=3, help="steps before timing (compilation happens here)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--stage2-micro-batch", type=positive, default=64)
+    p.add_argument("--warmup", type=non_negative, default=3, help="steps before timing (compilation happens here)")
+    p.add_argument("--steps", type=positive, default=10)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager rows only")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, TFLOP/s")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads with --device cpu (default 1: a shared "
+    p.add_argument("--threads", type=positive, default=1, help="CPU threads with --device cpu (default 1: a shared "
                    "CPU slows OpenMP threads down several-fold, and per-thread kernel buffers blur the memory)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)

@@ -37,6 +37,9 @@ CASES = [
     ("train_throughput.py", ["--threads", "0"], "argument --threads: 0: must be at least 1"),
     ("train_throughput.py", ["--teacher", "nope", "--steps", "1"], "proxy.model: unknown timm model 'nope'"),
     ("data_throughput.py", ["--sources", "nope"], "argument --sources: invalid choice: 'nope'"),
+    ("gpu_step.py", ["--device", "cpu", "--steps", "0"], "argument --steps: 0: must be at least 1"),
+    ("airflow_overhead.py", ["--parses", "0"], "argument --parses: 0: must be at least 1"),
+    ("faults.py", ["--kills", "0"], "argument --kills: 0: must be at least 1"),
 ]
 
 
