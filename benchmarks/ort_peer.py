@@ -58,6 +58,35 @@ def session(path: Path, threads: int, example: torch.Tensor) -> Callable[[], lis
     return lambda: sess.run(None, feed)
 
 
+def matmul_rate(n: int, threads: int, warmup: int = 2, reps: int = 7) -> float:
+    """fp32 FLOP/s of one n x n ``MatMul`` in ONNX Runtime (MLAS), median over ``reps``: on CPUs where MKL's
+    ``torch.mm`` takes a slower path (AMD), MLAS's rate is the fp32 GEMM this machine can reach."""
+    import tempfile
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = np.random.default_rng(0)
+    b = numpy_helper.from_array(g.standard_normal((n, n), dtype=np.float32), "b")
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])], [b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "mm.onnx"
+        onnx.save(model, str(path))
+        sess = inference_session(path, threads)
+        feed = {"a": g.standard_normal((n, n), dtype=np.float32)}
+        for _ in range(warmup):
+            sess.run(None, feed)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            ts.append(time.perf_counter() - t)
+    return 2 * n**3 / float(np.median(ts))
+
+
 def version() -> str:
     import onnxruntime as ort
 
