@@ -42,7 +42,7 @@ demo: $(STAMP) airflow_home/airflow.db
 	@$(call dags_test,eupe_retrain,{"run_name": "demo"$(COMMA) $(DEMO_CONF)},demo)
 	@run=$$($(AIRFLOW_ENV) $(BIN)/airflow dags list-runs eupe_retrain -o plain 2>/dev/null | awk '$$5 == "$(DEMO_DATE)" {print $$2; exit}'); \
 		$(AIRFLOW_ENV) $(BIN)/airflow tasks states-for-dag-run eupe_retrain "$$run" -o plain 2>/dev/null \
-		| awk '$$1 == "dag_id" {on = 1} on {printf "%-18s %s\n", $$3, $$4}'; echo
+		| awk -f tools/task_times.awk; echo
 	@$(BIN)/python -m components.task --pipeline eupe_retrain --run-id demo --artifact-root artifacts \
 		--params '$(DEMO_PARAMS)' --summary
 
