@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from args import positive  # noqa: E402
+from args import one_line_errors, output_file, positive  # noqa: E402
+
+from eupe.errors import EupeError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -50,8 +52,10 @@ def timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
     with open(log, "ab") as f:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}): see {log}")
+    if proc.returncode:  # the log goes with the run's temporary folder: say what failed here
+        lines = log.read_text(errors="replace").splitlines()
+        cause = next((ln for ln in reversed(lines) if "eupe: error:" in ln), lines[-1] if lines else "no output")
+        raise EupeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}): {cause.strip()}")
     return wall
 
 
@@ -66,13 +70,19 @@ def parse_times(tmp: Path, n: int) -> dict[str, dict[str, float]]:
     return out
 
 
+@one_line_errors
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--data", default="data")
     p.add_argument("--parses", type=positive, default=5)
-    p.add_argument("--json", help="also write the numbers here")
+    p.add_argument("--json", type=output_file, help="also write the numbers here")
     args = p.parse_args()
+    from eupe.config import load_config
+
+    load_config(ROOT / args.config)  # a bad recipe or data path ends here, not minutes into the first run
+    if "://" not in args.data and not (ROOT / args.data).is_dir():  # both runners start in ROOT
+        raise EupeError(f"--data {args.data}: no such dataset folder")
     params = {"config": args.config, "dataset_uri": args.data, "model_name": "bench_student"}
     with tempfile.TemporaryDirectory(prefix="eupe-bench-") as d:
         tmp = Path(d)

@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import _free_port, _wait_until_up  # noqa: E402 - the tests' moto_server helpers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from args import non_negative, positive  # noqa: E402
+from args import non_negative, one_line_errors, output_file, positive  # noqa: E402
 
 from eupe import storage  # noqa: E402
 from eupe.data import decode as dec  # noqa: E402 - the profile times the decoder's stages one by one
@@ -270,8 +270,9 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+@one_line_errors
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--images", type=positive, default=160, help="images per measurement")
     ap.add_argument("--batch", type=positive, default=16)
     ap.add_argument("--workers", type=non_negative, nargs="+", default=[0, 2], help="DataLoader workers to try")
@@ -282,7 +283,7 @@ def main() -> None:
     ap.add_argument("--per-shard", type=positive, default=16)
     ap.add_argument("--profile-rounds", type=non_negative, default=3,
                     help="interleaved rounds of the per-stage CPU profile at 256 px over the local folder (0: none)")
-    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--json", type=output_file, help="also write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(1)  # a data worker is one core; the rate per worker is what scales
     load_before = os.getloadavg()  # the machine's other work: wall rates and, less, CPU ms depend on it

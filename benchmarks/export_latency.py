@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import os
 import platform
 import statistics
@@ -45,11 +46,12 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import no_amx  # noqa: E402
 import ort_peer  # noqa: E402
-from args import non_negative, one_line_errors, positive  # noqa: E402
+from args import non_negative, non_negative_number, one_line_errors, output_file, positive  # noqa: E402
 from train_throughput import OtherLoad, _cpu_attention_flops, matmul_rate  # noqa: E402
 
 from eupe import storage  # noqa: E402
 from eupe.config import ExportConfig, ModelSpec  # noqa: E402
+from eupe.errors import EupeError  # noqa: E402
 from eupe.export.lower import EncoderOutputs, check_size, fixed_size, lower_methods, to_program  # noqa: E402
 from eupe.export.runtime import load_forward, threads  # noqa: E402
 from eupe.models.registry import build_model, check_model_name  # noqa: E402
@@ -57,6 +59,7 @@ from eupe.models.registry import build_model, check_model_name  # noqa: E402
 MODELS = ["vit_t", "vit_s", "vit_b", "convnext_t", "convnext_b"]
 SIZES = [256, 512]
 QUICK = (["vit_s", "vit_b"], [256])
+PEER_MODULES = ("onnxruntime", "onnx", "onnxscript")  # the bench extra
 RUNNERS = ["eager", "ort_fp32", "et_fp32", "ort_int8", "et_int8"]
 
 
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=positive, default=2, help="threads of torch, ONNX Runtime and ExecuTorch's threadpool")
     ap.add_argument("--warmup", type=non_negative, default=2, help="untimed rounds")
     ap.add_argument("--rounds", type=positive, default=10, help="timed rounds (one forward of every runner each)")
-    ap.add_argument("--gap-ms", type=float, default=100.0,
+    ap.add_argument("--gap-ms", type=non_negative_number, default=100.0,
                     help="pause before each timed call, for the previous runner's spinning threads to park")
     ap.add_argument("--linears", action="store_true", help="also a row of each ViT's block linears alone")
     ap.add_argument("--plain", action="store_true",
@@ -251,11 +254,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--amx-peer", choices=["auto", "both", "with"], default="auto",
                     help="auto: on a CPU with AMX-INT8 also time ONNX Runtime's int8 refused AMX (no_amx.py), as on "
                          "every CPU without it; with: only as ONNX Runtime runs here")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--png", type=Path, default=None)
+    ap.add_argument("--json", type=output_file, default=None)
+    ap.add_argument("--png", type=output_file, default=None)
     args = ap.parse_args(argv)
     models = args.models or (QUICK[0] if args.quick else MODELS)
     sizes = args.sizes or (QUICK[1] if args.quick else SIZES)
+    missing = [m for m in PEER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EupeError(f"{', '.join(missing)} not installed (the benchmark's peer, not a project dependency): "
+                        ".venv/bin/python -m pip install -c constraints.txt -e '.[bench]'")
     check_inputs(models, sizes)
     from executorch.extension.pybindings import portable_lib
 

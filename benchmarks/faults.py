@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "faults"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from args import positive  # noqa: E402
+from args import output_folder, positive  # noqa: E402
 import harness  # noqa: E402  (tests/faults/harness.py: the machinery shared with the pytest suite)
 
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pre-imported process (faster, the pytest suite's way)")
     p.add_argument("--no-s3", action="store_true", help="skip freezing the S3 server")
     p.add_argument("--no-hostile", action="store_true", help="skip the hostile inputs")
-    p.add_argument("--out", type=Path, default=ROOT / "build" / "faults", help="where faults.json and faults.png go")
+    p.add_argument("--out", type=output_folder, default=ROOT / "build" / "faults", help="where faults.json and faults.png go")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, outputs) and print where it is")
     return p.parse_args(argv)
 

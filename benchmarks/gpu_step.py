@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from args import non_negative, positive  # noqa: E402
+from args import non_negative, output_file, positive  # noqa: E402
 from train_throughput import _cpu_attention_flops, matmul_rate  # noqa: E402
 
 from eupe.config import Config, load_config  # noqa: E402
@@ -158,7 +158,7 @@ def row_text(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--config", default=str(ROOT / "configs/eupe_vit_b.yaml"))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny models of the same families (the CPU check)")
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, TFLOP/s")
     p.add_argument("--threads", type=positive, default=1, help="CPU threads with --device cpu (default 1: a shared "
                    "CPU slows OpenMP threads down several-fold, and per-thread kernel buffers blur the memory)")
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--json", type=output_file, help="write the rows here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_step: no CUDA GPU visible; nothing measured (--device cpu --tiny runs the same code on the CPU)")

@@ -52,7 +52,7 @@ from eupe.hardware import cpu_bf16
 from eupe.models.features import feature_dims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from args import non_negative, one_line_errors, positive  # noqa: E402
+from args import non_negative, one_line_errors, output_file, positive, non_negative_number  # noqa: E402
 
 STAGE = 2
 PHASES = ("teacher", "student", "optim")  # teacher fwd | student fwd+bwd (adapter, loss) | clip+AdamW+sched
@@ -275,9 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="time the step in each (interleaved, side by side; default: fp32 bf16)")
     ap.add_argument("--threads", type=positive, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--matmul-n", type=positive, default=2048, help="size of the reference matmul")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+    ap.add_argument("--wait-idle", type=non_negative_number, default=0.0, metavar="S",
                     help="first wait up to S seconds for other processes to leave the CPUs idle")
-    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    ap.add_argument("--json", type=output_file, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
     precisions = list(dict.fromkeys(args.precision))
     if args.threads:

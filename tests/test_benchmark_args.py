@@ -40,6 +40,15 @@ CASES = [
     ("gpu_step.py", ["--device", "cpu", "--steps", "0"], "argument --steps: 0: must be at least 1"),
     ("airflow_overhead.py", ["--parses", "0"], "argument --parses: 0: must be at least 1"),
     ("faults.py", ["--kills", "0"], "argument --kills: 0: must be at least 1"),
+    # an output the run could not write at its end ends it at the start
+    ("train_throughput.py", ["--json", "."], "argument --json: . is a folder, not a file"),
+    ("train_throughput.py", ["--wait-idle", "nan"], "argument --wait-idle: nan: must be a finite number >= 0"),
+    ("export_latency.py", ["--png", "/proc/eupe.png"], "argument --png: cannot write /proc/eupe.png"),
+    ("data_throughput.py", ["--json", "/proc/eupe.json"], "argument --json: cannot write /proc/eupe.json"),
+    ("gpu_step.py", ["--json", "/proc/eupe.json"], "argument --json: cannot write /proc/eupe.json"),
+    ("faults.py", ["--out", "/proc/eupe"], "argument --out: cannot write /proc/eupe"),
+    ("airflow_overhead.py", ["--config", "no_such.yaml"], "config file not found"),
+    ("airflow_overhead.py", ["--data", "no_such_data"], "--data no_such_data: no such dataset folder"),
 ]
 
 
