@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,10 @@ class StepRun:
     """One run of ``step`` into ``out`` (local folder or ``s3://`` prefix). ``main=False`` (the other ranks
     of a torchrun job) only reads: the checks and the up-to-date check, never a write."""
 
-    def __init__(self, out: str | Path, step: str, fingerprint: dict | None = None, main: bool = True):
+    def __init__(self, out: str | Path, step: str, fingerprint: dict | None = None, main: bool = True,
+                 check: Callable[[], None] | None = None):
+        """``check`` reads the inputs that can only be checked by opening them (a model's weights, a program's
+        methods) when the step is not up to date, before ``out`` is touched: its bad input loses nothing there."""
         self.out, self.step, self.fingerprint, self.main = str(out), step, fingerprint, main
         self.metrics = metrics.begin(step, self.out) if main else None  # pushed at the end, a failure too (eupe.metrics)
         self.local, self.claimed = not storage.is_s3(self.out), None
@@ -69,6 +72,8 @@ class StepRun:
         self.done = self._up_to_date(previous)
         if self.done is not None and self.metrics is not None:
             self.metrics.finish(self.done, up_to_date=True)
+        if self.done is None and check is not None:
+            check()
         if self.done is None and main:
             self._start()
         if main:

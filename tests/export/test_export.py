@@ -244,16 +244,20 @@ def test_int8_of_a_trained_student_keeps_cosine_099_with_every_operator_delegate
     (["data.root=/nonexistent/images"], "dataset folder not found: /nonexistent/images"),
     (["student.weights=/nonexistent/encoder.safetensors"], "student.weights: checkpoint not found"),
     (["student.weights=null"], "student.weights: no trained weights to export"),
-], ids=["patch-multiple", "no-data", "no-checkpoint", "no-weights"])
+    (["student.kwargs={embed_dim: 48, depth: 1, num_heads: 2}"], "does not fit VisionTransformer"),
+], ids=["patch-multiple", "no-data", "no-checkpoint", "no-weights", "weights-of-another-model"])
 def test_bad_input_fails_before_compute_and_keeps_old_output(tmp_path: Path, tiny_data: Path, vit_weights: Path,
                                                              override: list[str], expected: str):
     out = tmp_path / "export"
     out.mkdir()
     (out / "export.json").write_text("{}")
-    (out / "result.json").write_text('{"step": "export", "status": "ok"}')  # an earlier export's: its own folder
+    earlier = '{"step": "export", "status": "ok"}'  # an earlier export's result: its own folder, complete
+    (out / "result.json").write_text(earlier)
     with pytest.raises(EupeError, match=expected.replace(".", r"\.")):
         run_export(_config(tiny_data, vit_weights, *VIT, *override), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and (out / "export.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "result.json"]  # no claim left, nothing dropped
+    assert (out / "result.json").read_text() == earlier
 
 
 @pytest.mark.parametrize("encoder", ["student", "proxy"])

@@ -142,6 +142,34 @@ def test_bad_input_fails_before_timing(tmp_path: Path, pte: Path, kwargs: dict, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"resolution": 64}, r"--resolution 64: .* takes 32 px inputs"),
+    ({"model": "vit_b"}, r"device class 'test-cpu' has no model 'vit_b'"),
+    ({"budget_ms": float("nan")}, r"--budget-ms nan: a latency budget must be a finite number > 0 ms"),
+    ({"budget_ms": float("inf")}, r"--budget-ms inf: a latency budget must be a finite number > 0 ms"),
+    ({"pte": "text"}, r"not an ExecuTorch program"),
+], ids=["resolution", "model", "budget-nan", "budget-inf", "not-a-pte"])
+def test_bad_input_into_an_earlier_run_keeps_it_whole(tmp_path: Path, pte: Path, kwargs: dict, expected: str):
+    """Inputs are read (the program, its methods, the budget row) before --out is touched: an earlier run's
+    result.json stays, and no claim is left behind."""
+    out = tmp_path / "out"
+    args = {"model": "tiny", "budgets": _budgets(tmp_path / "b.yaml", 1e6), "device_class": "test-cpu"}
+    run_latency(_cfg(), str(pte), out, **args)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if kwargs.get("pte") == "text":
+        (tmp_path / "text.pte").write_text("not a program")
+        kwargs = {"pte_uri": str(tmp_path / "text.pte")}
+    with pytest.raises(EupeError, match=expected):
+        run_latency(_cfg(), **{"pte_uri": str(pte), "out": out, **args, **kwargs})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_budgets_none_measures_without_a_gate(tmp_path: Path, pte: Path):
+    run_latency(_cfg(), str(pte), tmp_path / "lat", "tiny", budgets="none")
+    report = json.loads((tmp_path / "lat" / "latency.json").read_text())
+    assert report["budget_ms"] is None and report["passed"] is None and len(report["runs_ms"]) == 5
+
+
 def test_repo_budgets_hold_the_paper_reference_row():
     budgets = load_budgets(str(REPO / "configs" / "latency_budgets.yaml"))
     row = budgets.lookup("iphone-15-pro-cpu", "vit_b", 256, "latency_budgets.yaml")

@@ -11,7 +11,7 @@ from eupe.errors import EupeError
 
 
 class Budget(_Strict):
-    budget_ms: float = Field(gt=0)
+    budget_ms: float = Field(gt=0, allow_inf_nan=False)
     gflops: float | None = Field(default=None, gt=0)  # the model's forward at this size, for reference
     source: str | None = None
 

@@ -10,6 +10,7 @@ Writes ``latency.json``, ``latency.png`` (histogram of the runs with the budget 
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import re
 import struct
@@ -57,22 +58,31 @@ def run_latency(cfg: Config, pte_uri: str, out: str | Path, model: str, resoluti
                 runner: str | None = None, serial: str | None = None, budget_ms: float | None = None) -> dict:
     """``budget_ms`` gates on that median instead of a row of the budgets file (a domain's own budget)."""
     lat = cfg.latency
-    budgets = budgets or lat.budgets
+    budgets = None if budgets == "none" else budgets or lat.budgets
     device_class = device_class or lat.device_class
+    if budget_ms is not None and not (math.isfinite(budget_ms) and budget_ms > 0):
+        raise EupeError(f"--budget-ms {budget_ms:g}: a latency budget must be a finite number > 0 ms")
+    opened: dict = {}
+
+    def check() -> None:  # a program or a budget that is not there fails before --out is touched
+        pte = storage.local_copy(pte_uri)
+        check_program(pte, str(pte_uri))
+        methods = image_methods(load_program(pte, str(pte_uri)), str(pte_uri), resolution)  # {R: method}
+        if budget_ms is not None:
+            budget_of = {r: Budget(budget_ms=budget_ms) for r in methods}
+        else:
+            budget_of = {r: load_budgets(budgets).lookup(device_class, model, r, budgets) if budgets else None
+                         for r in methods}
+        opened.update(pte=pte, methods=methods, budget_of=budget_of)
+
     run = StepRun(out, "latency", fingerprint("latency", {"pte": str(pte_uri), "budgets": budgets, "runner": runner}, cfg,
                                               model=model, resolution=resolution, device=device,
-                                              device_class=device_class, serial=serial, budget_ms=budget_ms))
+                                              device_class=device_class, serial=serial, budget_ms=budget_ms), check=check)
     if run.done:
         return run.done
-    pte = storage.local_copy(pte_uri)
-    check_program(pte, str(pte_uri))
-    methods = image_methods(load_program(pte, str(pte_uri)), str(pte_uri), resolution)  # {R: method}
+    pte, methods, budget_of = opened["pte"], opened["methods"], opened["budget_of"]
     if budget_ms is not None:
-        if budget_ms <= 0:
-            raise EupeError(f"--budget-ms {budget_ms:g}: a latency budget must be > 0 ms")
-        budget_of, budgets = {r: Budget(budget_ms=budget_ms) for r in methods}, f"--budget-ms {budget_ms:g}"
-    else:
-        budget_of = {r: load_budgets(budgets).lookup(device_class, model, r, budgets) if budgets else None for r in methods}
+        budgets = f"--budget-ms {budget_ms:g}"
 
     rows: dict[int, dict] = {}
     for r, forward in methods.items():
