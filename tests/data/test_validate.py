@@ -134,3 +134,28 @@ def test_empty_folder_is_a_clear_error(tmp_path, capsys):
 def test_demo_recipe_passes_on_the_tiny_data(tiny_data, tiny_config, tmp_path):
     report = run_validate(load_config(tiny_config), str(tiny_data), tmp_path / "val", workers=2)
     assert report["passed"] and report["bad_files"] == []
+
+
+@pytest.mark.parametrize("bad", ["not-parquet", "empty"])
+def test_bad_manifest_into_an_earlier_run_keeps_it_whole(tiny_data, tiny_config, tmp_path, bad):
+    """A --manifest is read before --out is touched: an earlier run's files stay byte for byte, no claim is left."""
+    cfg = load_config(tiny_config)
+    out = tmp_path / "val"
+    run_validate(cfg, str(tiny_data), out, workers=2)
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    manifest = tmp_path / "bad.parquet"
+    if bad == "empty":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from eupe.data.manifest import SCHEMA
+
+        pq.write_table(pa.Table.from_pylist([], schema=SCHEMA), manifest)  # the columns, no row
+        expected = "lists no images"
+    else:
+        manifest.write_text("not a parquet file")
+        expected = "cannot read manifest"
+    with pytest.raises(EupeError, match=expected):
+        run_validate(cfg, None, out, manifest=str(manifest))
+    after = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before and not (out / ".eupe-step").exists()

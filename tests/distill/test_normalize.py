@@ -161,3 +161,25 @@ def test_normalize_step_equals_the_statistics_of_its_images_centre_cropped(tiny_
         expected = _stats_of(f.cls, f.patches, eps=cfg.normalization.eps)
         for k, v in expected.__dict__.items():
             torch.testing.assert_close(getattr(stats[t.name], k), v, rtol=1e-4, atol=1e-5, msg=f"{t.name}.{k}")
+
+
+@pytest.mark.parametrize("bad", ["manifest", "weights"])
+def test_bad_input_into_an_earlier_run_keeps_it_whole(tiny_config, tmp_path, capsys, bad):
+    """A --manifest and the target weights are read before --out is touched: an earlier run's files stay byte for
+    byte and no claim is left."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "norm"
+    argv = ["normalize", "--config", str(tiny_config), "--stage", "1", "--out", str(out)]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if bad == "manifest":
+        (tmp_path / "m.parquet").write_text("not a parquet file")
+        extra, expected = ["--manifest", str(tmp_path / "m.parquet")], "cannot read manifest"
+    else:
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+        extra, expected = ["--set", f"teachers.0.weights={tmp_path / 'w.safetensors'}"], "does not fit"
+    capsys.readouterr()
+    assert main(argv + extra) == 2
+    assert expected in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -176,3 +176,20 @@ def test_masks_without_a_labelled_pixel_skip_segmentation(tiny_config: Path, den
     ev = json.loads((out / "eval.json").read_text())
     assert ev["seg_miou"] is None and "eval.ignore_index (255)" in ev["skipped"]["seg_miou"]
     assert isinstance(ev["depth_rmse"], float) and not (out / "seg_example.png").exists()
+
+
+def test_weights_of_another_model_into_an_earlier_run_keep_it_whole(tiny_config: Path, dense_data: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The encoder is built (its weights loaded) before --out is touched: an earlier evaluation's files stay
+    byte for byte and no claim is left."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "eval.json").write_text("{}")
+    (out / "result.json").write_text('{"step": "evaluate", "status": "ok"}')  # an earlier evaluation's: complete
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(1)}, str(foreign))
+    assert main(["evaluate", "--config", str(tiny_config), "--data", str(dense_data), "--weights", str(foreign),
+                 "--out", str(out)]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

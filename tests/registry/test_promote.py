@@ -345,3 +345,16 @@ def test_fanned_out_exports_are_published_together(tmp_path: Path, steps: dict[s
     err = _promote(capsys, registry, str(tmp_path / "p3"), *argv, "--export", str(tmp_path / "export_b"), code=2)
     assert f"--export {tmp_path}/export_b: exported another model than {tmp_path}/export" in err
     assert versions(registry, "vit_t") == [1]
+
+
+def test_an_input_file_gone_into_an_earlier_run_keeps_it_whole(tmp_path: Path, steps: dict[str, Path],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Every file to publish is read before --out is touched: an earlier promote's folder stays byte for byte
+    and no claim is left."""
+    registry, out = str(tmp_path / "registry"), tmp_path / "p"
+    _promote(capsys, registry, str(out), *_inputs(tmp_path / "a", steps))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = _inputs(tmp_path / "b", steps, encoder_value=3.0)
+    (tmp_path / "b/export" / PTE).unlink()
+    assert f"file not found: {tmp_path}/b/export/{PTE}" in _promote(capsys, registry, str(out), *argv, code=2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

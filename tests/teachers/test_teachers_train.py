@@ -78,3 +78,16 @@ def test_a_dense_teacher_without_masks_is_one_line_and_writes_nothing(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "has no .mask.png labels" in err[0]
     assert not (out / "result.json").exists()
+
+
+def test_data_without_masks_into_an_earlier_run_keeps_it_whole(tmp_path, dense_data, tiny_data, capsys):
+    """The labelled images are read before --out is touched: an earlier run's files stay byte for byte and no
+    claim is left."""
+    out = tmp_path / "zoo"
+    argv = ["teachers", "train", "--config", str(_recipe(tmp_path, dense_data)), *ZOO, "--out", str(out)]
+    assert main(argv) == 0
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main([*argv, "--set", f"data.root={tiny_data}"]) == 2
+    assert "has no .mask.png labels" in capsys.readouterr().err
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before

@@ -323,7 +323,15 @@ def run_validate(cfg: Config, data: str | None, out: str | Path, manifest: str |
         source = open_dataset(data)
     suite = suite_file()  # an input: an edited suite file is a new run (its content is in the fingerprint)
     inputs = {"data": data, "manifest": manifest, "suite": str(suite) if suite else None}
-    run = StepRun(out, "data-validate", fingerprint("data-validate", inputs, cfg))
+    given: list[pd.DataFrame] = []
+
+    def check() -> None:  # a --manifest that cannot be read or lists nothing fails before --out is touched
+        if manifest is not None:
+            given.append(read_manifest(manifest))
+            if given[0].empty:
+                raise EupeError(f"manifest {manifest} lists no images")
+
+    run = StepRun(out, "data-validate", fingerprint("data-validate", inputs, cfg), check=check)
     if run.done:
         return storage.read_json(run.done["artifacts"]["validation"])
     with run.staging() as tmp:
@@ -332,7 +340,7 @@ def run_validate(cfg: Config, data: str | None, out: str | Path, manifest: str |
                            max_pixels=cfg.validation.max_pixels)
             table, manifest = read_manifest(str(tmp / MANIFEST_FILE)), run.path(MANIFEST_FILE)
         else:
-            table = read_manifest(manifest)
+            table = given[0]
         if table.empty:
             raise EupeError(f"manifest {manifest} lists no images")
         report = validate_manifest(table, cfg, tmp, source=str(manifest), final=run.out)

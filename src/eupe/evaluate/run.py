@@ -218,15 +218,21 @@ def _fidelity(cfg: Config, inputs: Inputs, held: Encoded, rt: Runtime, size: int
 def run_evaluate(cfg: Config, encoder: str, out: str | Path, weights: str | None = None, checkpoint: str | None = None,
                  norm: str | None = None, baseline: str | None = None) -> dict:
     inputs = check_inputs(cfg, encoder, weights, checkpoint, norm, baseline)
+    built: list[torch.nn.Module] = []
+
+    def check() -> None:  # weights that do not load into the encoder fail before --out is touched
+        built.append(_build(cfg, inputs))
+
     run = StepRun(out, "evaluate", fingerprint("evaluate", {
         **data_inputs(cfg.data), f"{inputs.field}.weights": inputs.spec.weights, "checkpoint": checkpoint, "norm": norm,
-        "proxy.weights": cfg.proxy.weights if checkpoint else None, "baseline": baseline}, cfg, encoder=encoder))
+        "proxy.weights": cfg.proxy.weights if checkpoint else None, "baseline": baseline}, cfg, encoder=encoder),
+        check=check)
     if run.done:
         return run.done
     size = cfg.eval.resolution or inputs.spec.img_size
     rt = setup(cfg)
     try:
-        evaluation, examples = _evaluate(cfg, inputs, rt, size)
+        evaluation, examples = _evaluate(cfg, inputs, rt, size, built[0])
     finally:
         teardown()
     outcome = None
@@ -240,11 +246,17 @@ def run_evaluate(cfg: Config, encoder: str, out: str | Path, weights: str | None
     return result
 
 
-def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int) -> tuple[dict, dict]:
+def _build(cfg: Config, inputs: Inputs) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)  # a randomly initialised encoder (tests, the demo) is the same network every run
+    return build_model(inputs.spec, inputs.field)
+
+
+def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int,
+              model: torch.nn.Module | None = None) -> tuple[dict, dict]:
+    """``model``: the encoder :func:`_build` made (when it was built to check its weights), else built here."""
     timings, details, notes, examples = {}, {}, {}, {}
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # a randomly initialised encoder (tests, the demo) is the same network every run
-    model = freeze(build_model(inputs.spec, inputs.field)).to(rt.device)
+    model = freeze(model if model is not None else _build(cfg, inputs)).to(rt.device)
     train = encode(model, _loader(cfg, inputs, inputs.split.train, size), rt, size, False, "encode train")
     held = encode(model, _loader(cfg, inputs, inputs.split.heldout, size), rt, size, True, "encode held-out")
     timings["encode"] = time.perf_counter() - t0

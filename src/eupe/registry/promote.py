@@ -224,14 +224,21 @@ def promote(inputs: Inputs, name: str, root: str, out: str, run_id: str | None =
     """Publish ``inputs`` as the next version of ``name`` and point production at it; see the module doc."""
     base = model_root(root, name)
     pointer_uri = f"{base}/{lin.POINTER_FILE}"
-    run = StepRun(out, STEP)  # --out checked, a stale result.json dropped
-    failed = gate_failures(inputs)
-    if failed:
-        raise _fail(run, name, failed)
-    current = read_pointer(pointer_uri) if storage.exists(pointer_uri) else None
     tmp = Path(tempfile.mkdtemp(prefix="eupe-promote-"))
     try:
-        files = stage(inputs, tmp)
+        read: dict = {}
+
+        def check() -> None:  # the pointer and every file to publish are read (staged) before --out is touched:
+            # an input file that is gone fails with an earlier run's output there kept whole
+            if not gate_failures(inputs):
+                read["current"] = read_pointer(pointer_uri) if storage.exists(pointer_uri) else None
+                read["files"] = stage(inputs, tmp)
+
+        run = StepRun(out, STEP, check=check)  # --out checked, a stale result.json dropped
+        failed = gate_failures(inputs)
+        if failed:
+            raise _fail(run, name, failed)
+        current, files = read["current"], read["files"]
         key = {"files": {n: f["sha256"] for n, f in sorted(files.items())},
                "dataset": (inputs.dataset or {}).get("hash"), "checkpoints": [c["hash"] for c in inputs.checkpoints]}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

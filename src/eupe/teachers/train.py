@@ -292,19 +292,24 @@ def run_teachers(cfg: Config, out: str | Path, resume: bool | str = False) -> di
             pass
         return run.finish({"trained": [], "note": "no teacher of the recipe has a train: block"}, {})
     fp = fingerprint("teachers", data_inputs(cfg.data), cfg)
-    run = StepRun(out, "teachers", fp)
+    need = {"class" if t.train.objective != "dense" else "mask" for _, t in teachers}
+    if "mask" in need:
+        need.add("depth")
+    size = max(t.img_size for _, t in teachers)
+    loaded: dict = {}
+
+    def check() -> None:  # data without the labels a teacher trains on fails before --out is touched
+        loaded["t0"] = time.perf_counter()
+        loaded["parts"] = _load(cfg, size, need, max(t.train.iters * t.train.batch_size for _, t in teachers))
+        loaded["load_s"] = time.perf_counter() - loaded["t0"]
+
+    run = StepRun(out, "teachers", fp, check=check)
     if run.done:
         return run.done
     from eupe.distill.checkpoint import tensors_for_disk
     from eupe.distill.runtime import setup, teardown
 
-    need = {"class" if t.train.objective != "dense" else "mask" for _, t in teachers}
-    if "mask" in need:
-        need.add("depth")
-    size = max(t.img_size for _, t in teachers)
-    t0 = time.perf_counter()
-    parts = _load(cfg, size, need, max(t.train.iters * t.train.batch_size for _, t in teachers))
-    load_s = time.perf_counter() - t0
+    t0, parts, load_s = loaded["t0"], loaded["parts"], loaded["load_s"]
     rt = setup(cfg)
     per_teacher, states = {}, {}
     try:
