@@ -73,6 +73,8 @@ def test_broken_files_are_each_named_with_their_reason_and_the_gate_fails(photos
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eupe: error")]
     assert len(err) == 1 and err[0].startswith("eupe: error: data validation failed: ")
     assert "decodable" in err[0] and "min_side" in err[0] and "duplicates" in err[0] and "6 bad files" in err[0]
+    first = _report(out)["bad_files"][0]  # the line names one bad file and why, the report holds them all
+    assert f"6 bad files, first {first['path']}: {first['reason']} (see " in err[0]
 
     report = _report(out)  # written before the exit
     assert not report["passed"] and set(report["failed"]) == {"decodable", "min_side", "duplicates"}

@@ -351,6 +351,8 @@ def run_validate(cfg: Config, data: str | None, out: str | Path, manifest: str |
                  **report["plots"]}
     run.finish(metrics, artifacts, status="ok" if report["passed"] else "failed")
     if not report["passed"]:
+        first = report["bad_files"][0] if report["bad_files"] else None
+        example = f", first {first['path']}: {first['reason']}" if first else ""
         raise EupeError(f"data validation failed: {', '.join(report['failed'])}; "
-                        f"{report['num_bad_files']} bad files (see {run.path(VALIDATION_FILE)})")
+                        f"{report['num_bad_files']} bad files{example} (see {run.path(VALIDATION_FILE)})")
     return report
