@@ -76,6 +76,42 @@ def test_version_outside_a_dvc_repository_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("bad, says", [
+    (["--dvc-file", "elsewhere.yaml"], "--dvc-file must end with .dvc"),
+    (["--repo", "{tmp}/other"], "is outside --repo"),
+    (["--path", "{repo}/nope"], "input not found"),
+], ids=["dvc-suffix", "outside-repo", "no-path"])
+def test_bad_input_into_an_earlier_run_keeps_it_whole(repo, tmp_path, capsys, bad, says):
+    """What `data version` refuses is checked before its --out is touched: the earlier run there stays complete."""
+    data = repo / "d"
+    data.mkdir()
+    (data / "a.bin").write_bytes(b"x" * 100)
+    out = repo / "v"
+    assert main(["data", "version", "--path", str(data), "--out", str(out)]) == 0
+    before = _digest(out)
+    capsys.readouterr()
+    argv = dict(zip(["--path", "--out"], [str(data), str(out)]))
+    argv.update({bad[0]: bad[1].format(tmp=tmp_path, repo=repo)})
+    assert main(["data", "version", *[x for kv in argv.items() for x in kv]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eupe: error: ") and says in err and "\n" not in err
+    assert _digest(out) == before and not (out / ".eupe-step").exists()
+
+
+def test_pull_of_a_bad_dvc_file_into_an_earlier_run_keeps_it_whole(repo, capsys):
+    data = repo / "d"
+    data.mkdir()
+    (data / "a.bin").write_bytes(b"x" * 100)
+    out = repo / "p"
+    assert main(["data", "version", "--path", str(data), "--out", str(repo / "v")]) == 0
+    assert main(["data", "pull", "--path", str(data), "--out", str(out)]) == 0
+    before = _digest(out)
+    (repo / "notes.txt").write_text("not a .dvc file")
+    assert main(["data", "pull", "--path", str(data), "--dvc-file", str(repo / "notes.txt"), "--out", str(out)]) == 2
+    assert "--dvc-file must end with .dvc" in capsys.readouterr().err
+    assert _digest(out) == before
+
+
 def test_push_to_a_missing_remote_names_it(repo, capsys):
     (repo / "d").mkdir()
     (repo / "d" / "f").write_text("x")

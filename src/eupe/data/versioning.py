@@ -119,19 +119,33 @@ def version(path: str | Path, remote: str | None = None, dvc_file: str | None = 
     ``repo``: track it in that folder's own DVC repository (:func:`standalone_repo`)."""
     if storage.is_s3(str(path)):
         return _s3_version(str(path))
+    version_checks(path, dvc_file, repo)
+    target = Path(path)
+    if repo is not None:
+        with repo_lock(repo):  # the mapped tasks of one run share the run folder's repository
+            standalone_repo(repo, like)
+            return _track(target, dvc_file, remote)
+    return _track(target, dvc_file, remote)
+
+
+def version_checks(path: str | Path, dvc_file: str | None = None, repo: str | Path | None = None) -> None:
+    """What :func:`version` refuses before it runs DVC or creates a repository (the step runs it before its
+    ``--out`` is touched)."""
+    if storage.is_s3(str(path)):
+        return
     for flag, value in (("--repo", repo), ("--dvc-file", dvc_file)):
         if value is not None and storage.is_s3(str(value)):
             raise EupeError(f"{flag} {value}: DVC tracks a local --path in a local repository, not in s3://")
     target = Path(path)
     if not target.exists():
         raise EupeError(f"--path: not found: {path}")
-    if repo is not None:
-        with repo_lock(repo):  # the mapped tasks of one run share the run folder's repository
-            root = standalone_repo(repo, like)
-            if root not in target.absolute().parents:
-                raise EupeError(f"--path {path} is outside --repo {repo}")
-            return _track(target, dvc_file, remote)
-    return _track(target, dvc_file, remote)
+    if repo is None:
+        _dvc_file(target, find_repo(target), dvc_file)
+        return
+    root = Path(repo).absolute()  # standalone_repo's root
+    if root not in target.absolute().parents:
+        raise EupeError(f"--path {path} is outside --repo {repo}")
+    _dvc_file(target, root, dvc_file)
 
 
 @contextmanager
@@ -210,13 +224,20 @@ def _track(target: Path, dvc_file: str | None, remote: str | None) -> dict[str, 
             "path": str(target), "remote": remote or "default"}
 
 
-def pull(path: str | Path, remote: str | None = None, dvc_file: str | None = None) -> dict[str, Any]:
-    """Restore ``path`` from the remote (``dvc pull`` of its ``.dvc`` file); returns its hash."""
+def pull_checks(path: str | Path, dvc_file: str | None = None) -> tuple[Path, Path]:
+    """The repository and the ``.dvc`` file :func:`pull` restores ``path`` from, or the one line why not."""
     target = Path(path)
     repo = find_repo(target.parent if not target.exists() else target)
     f = _dvc_file(target, repo, dvc_file)
     if not f.is_file():
         raise EupeError(f"{f} not found: version {path} first (eupe data version --path {path})")
+    return repo, f
+
+
+def pull(path: str | Path, remote: str | None = None, dvc_file: str | None = None) -> dict[str, Any]:
+    """Restore ``path`` from the remote (``dvc pull`` of its ``.dvc`` file); returns its hash."""
+    target = Path(path)
+    repo, f = pull_checks(path, dvc_file)
     with _dvc_session(repo):
         run_dvc(["pull", str(f.relative_to(repo)), *(["--remote", remote] if remote else [])], repo)
     out = _out_entry(f)
@@ -236,8 +257,14 @@ def _run(step: str, args: argparse.Namespace, action) -> None:
     run = None
     if args.out:
         inputs = {"path": args.path} if step == "data-version" else {"dvc_file": args.dvc_file or f"{args.path}.dvc"}
+        def check() -> None:  # what the action refuses, before --out (an earlier run's result) is touched
+            if step == "data-version":
+                version_checks(args.path, args.dvc_file, args.repo)
+            else:
+                pull_checks(args.path, args.dvc_file)
+
         run = StepRun(args.out, step, fingerprint(step, inputs, remote=args.remote, dvc_file=args.dvc_file,
-                                                  repo=getattr(args, "repo", None)))
+                                                  repo=getattr(args, "repo", None)), check=check)
         if run.done:
             print(run.done["metrics"]["hash"])
             return
