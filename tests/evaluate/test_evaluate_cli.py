@@ -193,3 +193,27 @@ def test_weights_of_another_model_into_an_earlier_run_keep_it_whole(tiny_config:
                  "--out", str(out)]) == 2
     assert "does not fit" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_compare_with_weights_of_another_model_into_an_earlier_run_keeps_it_whole(
+        tiny_config: Path, dense_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every row's weights are checked against its model (names and shapes, nothing built or read) before --out
+    is touched: an earlier comparison's files stay byte for byte, and nothing is encoded."""
+    from eupe.config import load_config
+    from eupe.models.registry import build_model
+
+    proxy = tmp_path / "proxy.safetensors"
+    spec = load_config(tiny_config).proxy.model_copy(update={"weights": None})
+    save_file({k: v.contiguous() for k, v in build_model(spec).state_dict().items()}, str(proxy))
+    out = tmp_path / "compare"
+    out.mkdir()
+    (out / "compare.json").write_text("{}")
+    (out / "result.json").write_text('{"step": "evaluate-compare", "status": "ok"}')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(1)}, str(foreign))
+    assert main(["evaluate", "--compare", "--config", str(tiny_config), "--data", str(dense_data), "--proxy",
+                 str(proxy), "--weights", str(foreign), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"student.weights {foreign} does not fit" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

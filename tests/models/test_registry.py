@@ -99,6 +99,32 @@ def test_weights_that_do_not_fit_are_named(tmp_path):
         build_model(TINY["dinov3"].model_copy(update={"weights": str(path)}), "teachers.2")
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_check_fits_reads_names_and_shapes_without_building_or_loading(tmp_path, fmt):
+    """check_fits: the same verdict as loading, from the file's header against a meta-device model."""
+    from eupe.models.registry import check_fits
+
+    def write(state: dict, name: str) -> str:
+        path = tmp_path / f"{name}.{fmt}"
+        if fmt == "safetensors":
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        else:
+            torch.save({"model": state}, path)
+        return str(path)
+
+    state = build_model(TINY["dinov3"]).state_dict()
+    ok = write({f"encoder.{k}": v for k, v in state.items()} | {"adapters.x.weight": torch.zeros(2)}, "ours")
+    check_fits(TINY["dinov3"].model_copy(update={"weights": ok}), "teachers.2")  # our checkpoint: encoder.* alone
+    wrong = dict(state)
+    wrong["patch_embed.proj.weight"] = torch.zeros(40, 3, 8, 8)  # patch 8, not 16
+    with pytest.raises(EupeError, match=r"teachers\.2\.weights .* does not fit Eva: 0 missing .* 0 unexpected .* 1 of another shape \(e\.g\. \['patch_embed\.proj\.weight'\]\)"):
+        check_fits(TINY["dinov3"].model_copy(update={"weights": write(wrong, "wrong")}), "teachers.2")
+    other = write(build_model(TINY["vit_t"]).state_dict(), "other")
+    with pytest.raises(EupeError, match=r"does not fit"):
+        check_fits(TINY["dinov3"].model_copy(update={"weights": other}), "teachers.2")
+    check_fits(TINY["dinov3"], "teachers.2")  # no weights: nothing to check
+
+
 def test_weights_load_from_s3(tmp_path, s3_bucket, monkeypatch):
     monkeypatch.setenv("EUPE_CACHE", str(tmp_path / "cache"))
     src = build_model(TINY["pecore"])

@@ -58,7 +58,7 @@ def _chance(held, ignore_index: int) -> dict:
 def run_compare(cfg: Config, out: str | Path, student_weights: str | None) -> dict:
     from eupe.distill.runtime import setup, teardown
     from eupe.evaluate.run import _evaluate, check_inputs
-    from eupe.models.registry import check_weights
+    from eupe.models.registry import check_fits, check_weights
 
     rows = _rows(cfg, student_weights)
     if not student_weights and not cfg.student.weights:
@@ -74,7 +74,12 @@ def run_compare(cfg: Config, out: str | Path, student_weights: str | None) -> di
     check_weights(cfg.proxy.weights, "proxy.weights")
     fp = fingerprint("evaluate-compare", {**data_inputs(cfg.data), **{
         f"{label}.weights": i.spec.weights for label, i in inputs.items()}}, cfg)
-    run = StepRun(out, "evaluate-compare", fp)
+
+    def check() -> None:  # weights that do not fit their row's model fail before --out is touched
+        for i in inputs.values():
+            check_fits(i.spec, i.field)
+
+    run = StepRun(out, "evaluate-compare", fp, check=check)
     if run.done:
         return run.done
     rt = setup(cfg)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -77,16 +78,25 @@ def build_model(spec: ModelSpec, field: str = "model") -> nn.Module:
     return model
 
 
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+def read_state_dict(uri: str, shapes_only: bool = False) -> dict[str, torch.Tensor] | dict[str, tuple[int, ...]]:
     """safetensors, or a PyTorch state dict loaded with ``weights_only=True``; local path or s3://; a model folder
-    (``eupe.models.publish``: timm/HF layout) gives its ``model.safetensors``."""
+    (``eupe.models.publish``: timm/HF layout) gives its ``model.safetensors``. ``shapes_only``: each tensor's
+    shape, read from the safetensors header (a PyTorch file is memory-mapped) without reading the tensors."""
     if not storage.is_s3(uri) and (Path(uri) / "model.safetensors").is_file():
         uri = str(Path(uri) / "model.safetensors")
     path = storage.local_copy(uri)
     try:
         if Path(path).suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            if not shapes_only:
+                return load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
+        except RuntimeError:  # mmap needs the zip format: a legacy file is read whole
+            if not shapes_only:
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file: say which one
         raise EupeError(f"cannot read weights {uri}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     for key in ("state_dict", "model", "module"):
@@ -94,25 +104,44 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict):
         raise EupeError(f"cannot read weights {uri}: not a state dict")
-    return state
+    return {k: tuple(v.shape) for k, v in state.items()} if shapes_only else state
 
 
-def load_weights(model: nn.Module, uri: str, field: str = "model") -> None:
-    state = read_state_dict(uri)
-    if any(k.startswith(_ENCODER_PREFIX) for k in state):  # a checkpoint of ours: take the encoder only
+def _encoder_keys(state: dict) -> dict:
+    """A checkpoint of ours holds the encoder under ``encoder.`` (take it alone); DDP's ``module.`` goes."""
+    if any(k.startswith(_ENCODER_PREFIX) for k in state):
         state = {k[len(_ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(_ENCODER_PREFIX)}
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _check_fit(model: nn.Module, shapes: dict[str, tuple[int, ...]], uri: str, field: str) -> None:
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
+    wrong = [k for k in own if k in shapes and shapes[k] != own[k]]
     if missing or unexpected or wrong:
         raise EupeError(
             f"{field}.weights {uri} does not fit {type(model).__name__}: {len(missing)} missing "
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
             f"{len(wrong)} of another shape (e.g. {wrong[:2]})"
         )
+
+
+def load_weights(model: nn.Module, uri: str, field: str = "model") -> None:
+    state = _encoder_keys(read_state_dict(uri))
+    _check_fit(model, {k: tuple(v.shape) for k, v in state.items()}, uri, field)
     model.load_state_dict(state)
+
+
+def check_fits(spec: ModelSpec, field: str = "model") -> None:
+    """``spec.weights`` fit ``spec.model`` (every name and shape), checked before any compute without reading a
+    tensor: the file's header against the model built on the meta device (no memory, a fraction of a second
+    for a 1.9B teacher)."""
+    if not spec.weights or spec.weights == "hub":
+        return
+    with torch.device("meta"):
+        model = build_model(spec.model_copy(update={"weights": None}), field)
+    _check_fit(model, _encoder_keys(read_state_dict(spec.weights, shapes_only=True)), spec.weights, field)
 
 
 def freeze(model: nn.Module) -> nn.Module:
