@@ -120,6 +120,28 @@ def test_a_pod_log_of_latency_has_no_native_chatter(tmp_path: Path, pte: Path):
     assert "cpuinfo" not in proc.stderr and "KernelPreference" not in proc.stderr and "\r" not in proc.stderr
 
 
+def test_a_corrupt_program_is_one_line_with_the_runtimes_reason(tmp_path: Path, pte: Path):
+    """The runtime's own log line (why it refused the program) becomes the cause in the one-line error, not a
+    native line printed before it."""
+    import random
+    import subprocess
+    import sys
+
+    data = bytearray(pte.read_bytes())
+    rng = random.Random(0)
+    for i in range(64, min(len(data), 2048)):  # the header's magic and sizes stay: the flatbuffer is garbage
+        data[i] = rng.randrange(256)
+    bad = tmp_path / "corrupt.pte"
+    bad.write_bytes(bytes(data))
+    proc = subprocess.run([str(Path(sys.executable).parent / "eupe"), "latency", "--pte", str(bad), "--model", "tiny",
+                           "--out", str(tmp_path / "lat")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if not ln[:4].isdigit()]  # logging lines start with the date
+    assert len(lines) == 1 and lines[0].startswith(f"eupe: error: cannot load {bad} with the ExecuTorch runtime: ")
+    assert "(Verification failed" in lines[0] and "[program.cpp" not in proc.stderr
+    assert not (tmp_path / "lat").exists()
+
+
 def test_pte_from_s3(tmp_path: Path, pte: Path, s3_bucket: str):
     import boto3
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from eupe.errors import EupeError
-from eupe.native_log import quiet_native_stderr
+from eupe.native_log import native_cause, quiet_native_stderr
 
 
 def first_line(e: BaseException) -> str:
@@ -32,10 +33,16 @@ class Program:
         from executorch.runtime import Runtime
 
         self.name = name
+        native: list[bytes] = []  # the runtime logs why it refuses a program ("Verification failed; ...")
         try:
-            self.program = Runtime.get().load_program(pte if isinstance(pte, bytes) else Path(pte))
+            with quiet_native_stderr(into=native):
+                self.program = Runtime.get().load_program(pte if isinstance(pte, bytes) else Path(pte))
         except (RuntimeError, ValueError, KeyError) as e:
-            raise EupeError(f"cannot load {name} with the ExecuTorch runtime: {first_line(e)}") from None
+            cause = native_cause(native)
+            raise EupeError(f"cannot load {name} with the ExecuTorch runtime: {first_line(e)}"
+                            + (f" ({cause})" if cause else "")) from None
+        if native:
+            sys.stderr.write(b"".join(native).decode(errors="replace"))
         self.names = sorted(self.program.method_names, key=lambda m: (len(m), m))  # forward_256 before forward_1024
 
     def method(self, method: str = "forward") -> Forward:
