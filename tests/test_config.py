@@ -85,6 +85,23 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("text, says", [
+    ("stage2:\n  iters: 10\nstage2:\n  lr: 0.1\n", r"invalid YAML at line 3: duplicate key 'stage2' \(first at line 1\)"),
+    ("stage2: {iters: 10, iters: 20}\n", r"invalid YAML at line 1: duplicate key 'iters' \(first at line 1\)"),
+], ids=["block", "flow"])
+def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, text, says):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(EupeError, match=rf"twice\.yaml: {says}"):
+        load_config(path)
+    from eupe.export.budgets import load_budgets
+
+    rows = tmp_path / "budgets.yaml"
+    rows.write_text("device_classes:\n  cpu:\n    models:\n      m:\n        64: {budget_ms: 1}\n        64: {budget_ms: 9}\n")
+    with pytest.raises(EupeError, match=r"budgets\.yaml: invalid YAML at line 6: duplicate key 64 \(first at line 5\)"):
+        load_budgets(str(rows))
+
+
 def test_a_binary_config_file_is_one_line(tmp_path, capsys):
     from eupe.cli import main
 

@@ -386,6 +386,42 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: config field {field!r}: {msg}{shown}{more}"
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (plain YAML keeps the last one silently:
+    a second ``stage2:`` block would replace the first)."""
+
+
+def _unique_mapping(loader: _UniqueKeys, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the constructor below says so
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first at line {first + 1})",
+                                                    key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(text: str | bytes, source: str) -> Any:
+    """A YAML file's content; invalid YAML, a duplicate key or a binary file is one line naming ``source``."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError:
+        raise EupeError(f"{source}: not a text (YAML) file") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        problem = getattr(e, "problem", None) if isinstance(e, yaml.constructor.ConstructorError) else None
+        raise EupeError(f"{source}: invalid YAML{f' at line {line + 1}' if line is not None else ''}"
+                        f"{f': {problem}' if problem else ''}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str | tuple[str, Any]] | None = None) -> Config:
     """Read a YAML recipe (or the paper defaults when ``path`` is None) and apply overrides: ``"key=value"``
     strings (the value parsed as YAML, as from ``--set``) or ``(key, value)`` pairs taken literally."""
@@ -396,12 +432,10 @@ def load_config(path: str | Path | None = None, overrides: list[str | tuple[str,
         if not p.is_file():
             raise EupeError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = p.read_text()
         except UnicodeDecodeError:
             raise EupeError(f"{p}: not a text (YAML) file") from None
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            raise EupeError(f"{p}: invalid YAML{f' at line {line + 1}' if line is not None else ''}") from None
+        loaded = read_yaml(text, str(p))
         if loaded is not None and not isinstance(loaded, dict):
             raise EupeError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
         tree = loaded or {}

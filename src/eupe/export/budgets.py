@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import yaml
 from pydantic import Field, ValidationError
 
 from eupe import storage
-from eupe.config import _format_error, _Strict
+from eupe.config import _format_error, _Strict, read_yaml
 from eupe.errors import EupeError
 
 
@@ -41,10 +40,7 @@ class Budgets(_Strict):
 def load_budgets(uri: str) -> Budgets:
     if not storage.exists(uri):
         raise EupeError(f"latency budgets file not found: {uri}")
-    try:
-        tree = yaml.safe_load(storage.read_bytes(uri))
-    except yaml.YAMLError:
-        raise EupeError(f"{uri}: invalid YAML") from None
+    tree = read_yaml(storage.read_bytes(uri), uri)
     try:
         return Budgets.model_validate(tree if isinstance(tree, dict) else {})
     except ValidationError as e:
