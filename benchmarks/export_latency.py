@@ -259,11 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     models = args.models or (QUICK[0] if args.quick else MODELS)
     sizes = args.sizes or (QUICK[1] if args.quick else SIZES)
+    check_inputs(models, sizes)
     missing = [m for m in PEER_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         raise EupeError(f"{', '.join(missing)} not installed (the benchmark's peer, not a project dependency): "
                         ".venv/bin/python -m pip install -c constraints.txt -e '.[bench]'")
-    check_inputs(models, sizes)
     from executorch.extension.pybindings import portable_lib
 
     torch.set_num_threads(args.threads)

@@ -52,6 +52,16 @@ CASES = [
 ]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is not None,
+                    reason="onnxruntime installed (the bench extra): the benchmark would run")
+def test_export_latency_without_the_bench_extra_says_how_to_install_it(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH / "export_latency.py"), "--models", "vit_t", "--sizes", "32"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("export_latency.py: error: onnxruntime") and "-e '.[bench]'" in last, last
+
+
 @pytest.mark.parametrize(("script", "argv", "says"), CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
 def test_bad_input_is_one_line_and_exit_2(script, argv, says, tmp_path):
     out = tmp_path / "out.json"
