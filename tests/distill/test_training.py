@@ -234,3 +234,25 @@ def test_a_preemption_checkpoint_never_pushes_a_scheduled_one_out(tmp_path: Path
     for step in (12, 16):
         checkpoint.save(tmp_path, step, {"w": torch.zeros(2)}, {}, regular=regular)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000012", "step_00000016"]
+
+
+def test_a_run_killed_between_its_last_save_and_the_pruning_ends_with_an_uninterrupted_runs_checkpoints(
+        recipe: Path, stage2_norm: Path, tmp_path: Path) -> None:
+    """The kill test's race (tests/faults): a preemption left step 5 off the schedule, a later run saved the last
+    step and was killed before that save's pruning. Resumed, the run is at its end and saves nothing; it still
+    ends with the checkpoints an uninterrupted run keeps (4 and 8)."""
+    import shutil
+
+    from runs import stage2_args
+
+    out = tmp_path / "out"
+    base = [str(a) for a in stage2_args(recipe, stage2_norm, out, 8)]
+    _eupe(*base)
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000008"]
+    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000005")  # the preemption's, still there
+    (out / "result.json").unlink()  # killed before the end: no result yet, the step's claim instead
+    (out / ".eupe-step").write_text('{"step": "train-stage2"}')
+    _eupe(*base, "--resume")
+    assert read_result(out)["metrics"]["steps_this_run"] == 0
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000004", "step_00000008"]

@@ -47,7 +47,10 @@ def optim_staging(root: Path, step: int) -> Path:
     return root / f".optim-{step:08d}"
 
 
-def save(root: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = 2,
+KEEP = 2  # complete checkpoints on the schedule a training run keeps
+
+
+def save(root: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = KEEP,
          first: bool = False, regular: Callable[[int], bool] | None = None) -> Path:
     """Write ``step_<step>`` atomically, point ``latest.json`` at it, keep the newest ``keep`` (:func:`prune`;
     ``regular``: which steps are on the checkpoint schedule). ``first``: the first save of a fresh run, which

@@ -371,6 +371,9 @@ def _train(cfg: Config, stage: int, out: str, inputs: RunInputs, source, rt: Run
     weights = full_state(model)  # every rank joins an FSDP gather
     if not rt.is_main:
         return {}
+    # A run killed between its last save and that save's pruning resumes at the end and saves nothing: the
+    # preemption checkpoint an earlier run left off the schedule goes here, as the save would have removed it.
+    checkpoint.prune(ckpt_dir, checkpoint.KEEP, regular=scheduled)
     last_ckpt = last_ckpt or checkpoint.latest(ckpt_dir)
     if mirror is not None and last_ckpt is not None:
         last_ckpt = mirror.uri(last_ckpt)  # the artifact is the bucket's copy
