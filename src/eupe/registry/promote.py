@@ -227,15 +227,15 @@ def promote(inputs: Inputs, name: str, root: str, out: str, run_id: str | None =
     tmp = Path(tempfile.mkdtemp(prefix="eupe-promote-"))
     try:
         read: dict = {}
+        failed = gate_failures(inputs)
 
         def check() -> None:  # the pointer and every file to publish are read (staged) before --out is touched:
             # an input file that is gone fails with an earlier run's output there kept whole
-            if not gate_failures(inputs):
+            if not failed:
                 read["current"] = read_pointer(pointer_uri) if storage.exists(pointer_uri) else None
                 read["files"] = stage(inputs, tmp)
 
         run = StepRun(out, STEP, check=check)  # --out checked, a stale result.json dropped
-        failed = gate_failures(inputs)
         if failed:
             raise _fail(run, name, failed)
         current, files = read["current"], read["files"]
