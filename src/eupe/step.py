@@ -60,12 +60,13 @@ class StepRun:
     of a torchrun job) only reads: the checks and the up-to-date check, never a write."""
 
     def __init__(self, out: str | Path, step: str, fingerprint: dict | None = None, main: bool = True,
-                 check: Callable[[], None] | None = None):
+                 check: Callable[[], Any] | None = None):
         """``check`` reads the inputs that can only be checked by opening them (a model's weights, a program's
-        methods) when the step is not up to date, before ``out`` is touched: its bad input loses nothing there."""
+        methods) when the step is not up to date, before ``out`` is touched: its bad input loses nothing there.
+        What it returns (what it opened, for the work to use) is ``self.checked``; None when up to date."""
         self.out, self.step, self.fingerprint, self.main = str(out), step, fingerprint, main
         self.metrics = metrics.begin(step, self.out) if main else None  # pushed at the end, a failure too (eupe.metrics)
-        self.local, self.claimed = not storage.is_s3(self.out), None
+        self.local, self.claimed, self.checked = not storage.is_s3(self.out), None, None
         self._check_place()
         previous = self._previous()
         self._check_owner(previous)
@@ -73,7 +74,7 @@ class StepRun:
         if self.done is not None and self.metrics is not None:
             self.metrics.finish(self.done, up_to_date=True)
         if self.done is None and check is not None:
-            check()
+            self.checked = check()
         if self.done is None and main:
             self._start()
         if main:

@@ -68,6 +68,15 @@ def test_evaluate_trained_student_then_gate(tiny_config: Path, dense_data: Path,
     assert set(KEYS) <= set(result["metrics"]) and result["artifacts"]["eval"] == "eval.json"  # relative to result.json
     assert "evaluate student" in capsys.readouterr().out
 
+    # Statistics that do not describe this run's targets (computed at other sizes), sent into the complete run
+    # above: refused in one line before --out is touched, which keeps that run byte for byte, with no claim.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["evaluate", *cfg, *FAST, "--set", "stage3.teacher_resolutions=[32,48]", "--encoder", "student",
+                 "--checkpoint", str(ckpt), "--norm", str(norm), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"eupe: error: --norm {norm}: the statistics of proxy were computed with resolutions")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
     # Checkpoint, statistics and baseline from S3, gated against the run above: same numbers, the gate passes.
     s3 = {name: _upload(src, s3_bucket, name) for name, src in (("ckpt", ckpt.parent), ("norm", norm.parent), ("base", out))}
     gated = tmp_path / "gated"

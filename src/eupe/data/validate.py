@@ -323,13 +323,14 @@ def run_validate(cfg: Config, data: str | None, out: str | Path, manifest: str |
         source = open_dataset(data)
     suite = suite_file()  # an input: an edited suite file is a new run (its content is in the fingerprint)
     inputs = {"data": data, "manifest": manifest, "suite": str(suite) if suite else None}
-    given: list[pd.DataFrame] = []
 
-    def check() -> None:  # a --manifest that cannot be read or lists nothing fails before --out is touched
-        if manifest is not None:
-            given.append(read_manifest(manifest))
-            if given[0].empty:
-                raise EupeError(f"manifest {manifest} lists no images")
+    def check() -> pd.DataFrame | None:  # a --manifest unread or listing nothing fails before --out is touched
+        if manifest is None:
+            return None
+        given = read_manifest(manifest)
+        if given.empty:
+            raise EupeError(f"manifest {manifest} lists no images")
+        return given
 
     run = StepRun(out, "data-validate", fingerprint("data-validate", inputs, cfg), check=check)
     if run.done:
@@ -340,7 +341,7 @@ def run_validate(cfg: Config, data: str | None, out: str | Path, manifest: str |
                            max_pixels=cfg.validation.max_pixels)
             table, manifest = read_manifest(str(tmp / MANIFEST_FILE)), run.path(MANIFEST_FILE)
         else:
-            table = given[0]
+            table = run.checked
         if table.empty:
             raise EupeError(f"manifest {manifest} lists no images")
         report = validate_manifest(table, cfg, tmp, source=str(manifest), final=run.out)

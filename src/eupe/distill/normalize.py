@@ -151,28 +151,22 @@ def run_normalize(cfg: Config, stage: int, out: str | Path, manifest: str | None
         raise EupeError(f"normalize: {cfg.data.root} streams (.tar shards); normalize needs random access: "
                         "point --data at an image folder of the same data (local or s3://)")
     weights = {f"{field}.weights": spec.weights for _, field, spec, _ in target_specs(cfg, stage)}
-    read: dict = {}
 
-    def check() -> None:  # a --manifest that does not fit the data and target weights that do not load fail
-        # before --out is touched
-        read["strata"] = None
-        if manifest is not None:
-            read["indices"], read["strata"] = _manifest_batch(cfg, source, manifest)
-        read["targets"] = build_targets(cfg, stage, pick_device(cfg))
+    def check() -> tuple:  # a --manifest that does not fit the data and target weights that do not load fail
+        # before --out is touched: (the manifest's indices and strata, or None, None; the targets)
+        picked = _manifest_batch(cfg, source, manifest) if manifest is not None else (None, None)
+        return *picked, build_targets(cfg, stage, pick_device(cfg))
 
     run = StepRun(out, f"normalize-stage{stage}",
                   fingerprint(f"normalize-stage{stage}", {**data_inputs(cfg.data), **weights, "manifest": manifest}, cfg),
                   check=check)
     if run.done:
         return run.done
-    strata: dict[str, int] | None = read["strata"]
-    if manifest is not None:
-        indices = read["indices"]
-    else:
+    indices, strata, targets = run.checked
+    if manifest is None:
         g = torch.Generator().manual_seed(cfg.seed)
         indices = sorted(torch.randperm(len(source), generator=g)[:cfg.normalization.num_images].tolist())
     n = len(indices)
-    targets = read["targets"]
     size = max(r for t in targets for r in t.resolutions)
     loader = DataLoader(Subset(DistillImages(source, size, train=False), indices),
                         batch_size=cfg.normalization.batch_size, num_workers=cfg.data.num_workers)

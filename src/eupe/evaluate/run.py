@@ -24,7 +24,7 @@ from eupe import storage
 from eupe.config import Config, ModelSpec
 from eupe.data.folder import ImageSource
 from eupe.distill.normalize import check_bound, load_stats
-from eupe.distill.runtime import Runtime, setup, teardown
+from eupe.distill.runtime import Runtime, pick_device, setup, teardown
 from eupe.distill.targets import build_targets, model_inputs, prepare_for, target_specs
 from eupe.errors import EupeError, GateFailed
 from eupe.evaluate import gate, knn, probes, report
@@ -32,7 +32,7 @@ from eupe.evaluate.data import EvalImages, Split, available_labels, open_image_f
 from eupe.evaluate.fidelity import adapter_states, build_adapters, fidelity_batch
 from eupe.evaluate.keypoints import cell_centres, match, sample_mask
 from eupe.evaluate.warp import random_homographies, warp_images
-from eupe.models.features import Features, extract_features
+from eupe.models.features import Features, extract_features, feature_dims
 from eupe.models.registry import build_model, check_model_name, check_weights, freeze
 from eupe.fingerprint import data_inputs, fingerprint
 from eupe.step import StepRun
@@ -196,12 +196,28 @@ def _keypoints(cfg: Config, model: torch.nn.Module, held: Encoded, rt: Runtime, 
     return (correct / total if total else None), {"correct": correct, "total": total}, example
 
 
-def _fidelity(cfg: Config, inputs: Inputs, held: Encoded, rt: Runtime, size: int) -> tuple[dict, dict]:
+@dataclass
+class FidelityInputs:
+    """What fidelity reads besides the encoder: the targets as built now, their statistics, the trained adapters."""
+
+    targets: list
+    stats: dict
+    adapters: dict
+
+
+def fidelity_inputs(cfg: Config, inputs: Inputs, model: torch.nn.Module, size: int) -> FidelityInputs:
+    """Built and checked against each other (statistics of these very targets, adapters that fit the encoder)
+    before any compute: a --checkpoint/--norm that do not belong together fail here."""
     stats, meta = load_stats(inputs.norm)
-    targets = build_targets(cfg, inputs.stage, rt.device)
+    targets = build_targets(cfg, inputs.stage, pick_device(cfg))
     check_bound(targets, stats, meta, inputs.norm)  # the statistics describe these very targets
+    adapters = build_adapters(inputs.checkpoint, inputs.adapters, stats, tuple(feature_dims(model, size)))
+    return FidelityInputs(targets, stats, adapters)
+
+
+def _fidelity(cfg: Config, fid: FidelityInputs, held: Encoded, rt: Runtime, size: int) -> tuple[dict, dict]:
+    targets, stats, adapters = fid.targets, fid.stats, fid.adapters
     names = [t.name for t in targets]
-    adapters = build_adapters(inputs.checkpoint, inputs.adapters, stats, (held.cls.shape[-1], held.patches.shape[-1]))
     sums = {n: torch.zeros(2) for n in names}
     bs = cfg.eval.batch_size
     for start in progress(range(0, held.images.shape[0], bs), desc="fidelity", unit="batch"):
@@ -218,10 +234,13 @@ def _fidelity(cfg: Config, inputs: Inputs, held: Encoded, rt: Runtime, size: int
 def run_evaluate(cfg: Config, encoder: str, out: str | Path, weights: str | None = None, checkpoint: str | None = None,
                  norm: str | None = None, baseline: str | None = None) -> dict:
     inputs = check_inputs(cfg, encoder, weights, checkpoint, norm, baseline)
-    built: list[torch.nn.Module] = []
 
-    def check() -> None:  # weights that do not load into the encoder fail before --out is touched
-        built.append(_build(cfg, inputs))
+    size = cfg.eval.resolution or inputs.spec.img_size
+
+    def check() -> tuple:  # weights that do not load into the encoder, a --checkpoint/--norm that do not fit it:
+        # before --out is touched
+        model = _build(cfg, inputs)
+        return model, fidelity_inputs(cfg, inputs, model, size) if inputs.checkpoint else None
 
     run = StepRun(out, "evaluate", fingerprint("evaluate", {
         **data_inputs(cfg.data), f"{inputs.field}.weights": inputs.spec.weights, "checkpoint": checkpoint, "norm": norm,
@@ -229,10 +248,9 @@ def run_evaluate(cfg: Config, encoder: str, out: str | Path, weights: str | None
         check=check)
     if run.done:
         return run.done
-    size = cfg.eval.resolution or inputs.spec.img_size
     rt = setup(cfg)
     try:
-        evaluation, examples = _evaluate(cfg, inputs, rt, size, built[0])
+        evaluation, examples = _evaluate(cfg, inputs, rt, size, *run.checked)
     finally:
         teardown()
     outcome = None
@@ -251,9 +269,10 @@ def _build(cfg: Config, inputs: Inputs) -> torch.nn.Module:
     return build_model(inputs.spec, inputs.field)
 
 
-def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int,
-              model: torch.nn.Module | None = None) -> tuple[dict, dict]:
-    """``model``: the encoder :func:`_build` made (when it was built to check its weights), else built here."""
+def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int, model: torch.nn.Module | None = None,
+              fid: FidelityInputs | None = None) -> tuple[dict, dict]:
+    """``model``: the encoder :func:`_build` made (when it was built to check its weights), else built here;
+    ``fid``: :func:`fidelity_inputs`, for an encoder given with --checkpoint/--norm."""
     timings, details, notes, examples = {}, {}, {}, {}
     t0 = time.perf_counter()
     model = freeze(model if model is not None else _build(cfg, inputs)).to(rt.device)
@@ -289,7 +308,8 @@ def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int,
         notes["keypoint_pck"] = "no keypoint lands inside a warped image"
     if inputs.checkpoint:
         t = time.perf_counter()
-        metrics["fidelity"], details["fidelity"] = _fidelity(cfg, inputs, held, rt, size)
+        fid = fid or fidelity_inputs(cfg, inputs, model, size)
+        metrics["fidelity"], details["fidelity"] = _fidelity(cfg, fid, held, rt, size)
         timings["fidelity"] = time.perf_counter() - t
     else:
         notes["fidelity"] = "no --checkpoint/--norm given"

@@ -67,19 +67,19 @@ def run_export(cfg: Config, out: str | Path, encoder: str = "student", dtypes: l
         raise EupeError(f"{encoder}.weights: no trained weights to export (pass --weights, e.g. stage3/encoder.safetensors)")
     source = open_image_folder(cfg.data.root, "export (int8 calibration and the parity check)")
     check_weights(spec.weights, f"{encoder}.weights")
-    built_model: list[torch.nn.Module] = []
 
-    def check() -> None:  # weights that do not load and a size the model cannot take fail before --out is touched
-        built_model.append(build_model(spec, encoder).eval())  # our checkpoints: encoder.* only, adapters dropped
+    def check() -> torch.nn.Module:  # weights that do not load, a size the model cannot take: before --out is touched
+        model = build_model(spec, encoder).eval()  # our checkpoints: encoder.* only, adapters dropped
         for r in ex.resolutions:
-            check_size(built_model[0], spec, r)
+            check_size(model, spec, r)
+        return model
 
     run = StepRun(out, "export", fingerprint("export", {**data_inputs(cfg.data), f"{encoder}.weights": spec.weights},
                                              cfg, encoder=encoder, dtypes=dtypes,
                                              **({"only": only} if only else {})), check=check)
     if run.done:
         return run.done
-    model = built_model[0]
+    model = run.checked
     mean, std = model_inputs(model, torch.device("cpu"))
     n = len(source)
     parity_idx = list(range(max(0, n - ex.parity_images), n))  # the last images; calibration uses the first

@@ -62,9 +62,8 @@ def run_latency(cfg: Config, pte_uri: str, out: str | Path, model: str, resoluti
     device_class = device_class or lat.device_class
     if budget_ms is not None and not (math.isfinite(budget_ms) and budget_ms > 0):
         raise EupeError(f"--budget-ms {budget_ms:g}: a latency budget must be a finite number > 0 ms")
-    opened: dict = {}
 
-    def check() -> None:  # a program or a budget that is not there fails before --out is touched
+    def check() -> tuple:  # a program or a budget that is not there fails before --out is touched
         pte = storage.local_copy(pte_uri)
         check_program(pte, str(pte_uri))
         methods = image_methods(load_program(pte, str(pte_uri)), str(pte_uri), resolution)  # {R: method}
@@ -73,14 +72,14 @@ def run_latency(cfg: Config, pte_uri: str, out: str | Path, model: str, resoluti
         else:
             budget_of = {r: load_budgets(budgets).lookup(device_class, model, r, budgets) if budgets else None
                          for r in methods}
-        opened.update(pte=pte, methods=methods, budget_of=budget_of)
+        return pte, methods, budget_of
 
     run = StepRun(out, "latency", fingerprint("latency", {"pte": str(pte_uri), "budgets": budgets, "runner": runner}, cfg,
                                               model=model, resolution=resolution, device=device,
                                               device_class=device_class, serial=serial, budget_ms=budget_ms), check=check)
     if run.done:
         return run.done
-    pte, methods, budget_of = opened["pte"], opened["methods"], opened["budget_of"]
+    pte, methods, budget_of = run.checked
     if budget_ms is not None:
         budgets = f"--budget-ms {budget_ms:g}"
 

@@ -226,19 +226,18 @@ def promote(inputs: Inputs, name: str, root: str, out: str, run_id: str | None =
     pointer_uri = f"{base}/{lin.POINTER_FILE}"
     tmp = Path(tempfile.mkdtemp(prefix="eupe-promote-"))
     try:
-        read: dict = {}
         failed = gate_failures(inputs)
 
-        def check() -> None:  # the pointer and every file to publish are read (staged) before --out is touched:
-            # an input file that is gone fails with an earlier run's output there kept whole
-            if not failed:
-                read["current"] = read_pointer(pointer_uri) if storage.exists(pointer_uri) else None
-                read["files"] = stage(inputs, tmp)
+        def check() -> tuple | None:  # the pointer and every file to publish are read (staged) before --out is
+            # touched: an input file that is gone fails with an earlier run's output there kept whole
+            if failed:
+                return None
+            return read_pointer(pointer_uri) if storage.exists(pointer_uri) else None, stage(inputs, tmp)
 
         run = StepRun(out, STEP, check=check)  # --out checked, a stale result.json dropped
         if failed:
             raise _fail(run, name, failed)
-        current, files = read["current"], read["files"]
+        current, files = run.checked
         key = {"files": {n: f["sha256"] for n, f in sorted(files.items())},
                "dataset": (inputs.dataset or {}).get("hash"), "checkpoints": [c["hash"] for c in inputs.checkpoints]}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

@@ -296,12 +296,11 @@ def run_teachers(cfg: Config, out: str | Path, resume: bool | str = False) -> di
     if "mask" in need:
         need.add("depth")
     size = max(t.img_size for _, t in teachers)
-    loaded: dict = {}
+    t0 = time.perf_counter()
 
-    def check() -> None:  # data without the labels a teacher trains on fails before --out is touched
-        loaded["t0"] = time.perf_counter()
-        loaded["parts"] = _load(cfg, size, need, max(t.train.iters * t.train.batch_size for _, t in teachers))
-        loaded["load_s"] = time.perf_counter() - loaded["t0"]
+    def check() -> tuple[dict, float]:  # data without the labels a teacher trains on fails before --out is touched
+        parts = _load(cfg, size, need, max(t.train.iters * t.train.batch_size for _, t in teachers))
+        return parts, time.perf_counter() - t0
 
     run = StepRun(out, "teachers", fp, check=check)
     if run.done:
@@ -309,7 +308,7 @@ def run_teachers(cfg: Config, out: str | Path, resume: bool | str = False) -> di
     from eupe.distill.checkpoint import tensors_for_disk
     from eupe.distill.runtime import setup, teardown
 
-    t0, parts, load_s = loaded["t0"], loaded["parts"], loaded["load_s"]
+    parts, load_s = run.checked
     rt = setup(cfg)
     per_teacher, states = {}, {}
     try:
