@@ -23,9 +23,11 @@ DEMO_PARAMS := {$(DEMO_CONF)}
 DEMO_DATE := 2026-01-05T00:00:00+00:00
 COMMA := ,
 # $(call dags_test,DAG,CONF,NAME): `airflow dags test DAG` on the embedded database with run conf CONF, logged to
-# airflow_home/NAME.log; on failure the log's errors and one line, else the run's wall time.
+# airflow_home/NAME.log; while it runs, each task's start, its progress lines and its end (tools/dag_progress.awk);
+# on failure the log's errors and one line, else the run's wall time.
 define dags_test
-start=$$(date +%s); $(AIRFLOW_ENV) $(BIN)/airflow dags test $(1) $(DEMO_DATE) -c '$(2)' > airflow_home/$(3).log 2>&1 \
+start=$$(date +%s); { $(AIRFLOW_ENV) $(BIN)/airflow dags test $(1) $(DEMO_DATE) -c '$(2)' 2>&1; echo "eupe-dag-exit $$?"; } \
+	| awk -v logfile=airflow_home/$(3).log -f tools/dag_progress.awk \
 	|| { grep -E "AirflowFailException|AirflowException|eupe: error" airflow_home/$(3).log | tail -n 20; \
 	     echo "make $(3): the DAG run failed (airflow_home/$(3).log)"; exit 1; }; \
 	echo "DAG run $(1)/demo: success in $$(( $$(date +%s) - start )) s"

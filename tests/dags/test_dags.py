@@ -463,6 +463,26 @@ def test_retrain_runs_end_to_end_on_airflow_and_a_killed_training_step_resumes(a
 
 
 @pytest.mark.slow
+def test_make_demos_live_view_reads_a_real_runs_output(airflow_home, retrain, tmp_path):
+    """`make demo` pipes `airflow dags test` through tools/dag_progress.awk: on this real run's output it shows
+    every task's start and end with its state (the killed training's failed try, then its success), the
+    training's progress lines, and keeps the whole output for the log."""
+    _, _, proc = retrain
+    output = proc.stdout + proc.stderr
+    log = tmp_path / "demo.log"
+    view = subprocess.run(["awk", "-v", f"logfile={log}", "-f", str(ROOT / "tools" / "dag_progress.awk")],
+                          input=output + "eupe-dag-exit 0\n", capture_output=True, text=True, check=True).stdout
+    lines = [line.split("] ", 1)[1] for line in view.splitlines()]
+    ended = [line.split(":")[0] for line in lines if ": success in " in line]
+    states = task_instances(airflow_home, "eupe_retrain")
+    assert sorted(ended) == sorted(t if m < 0 else f"{t}[{m}]" for t, m in states)  # every task, once green
+    tries = [line for line in lines if line.startswith("train_stage2")]
+    assert tries[0] == "train_stage2 ..." and tries[1].startswith("train_stage2: up_for_retry in ")
+    assert tries[-1].startswith("train_stage2: success in ")
+    assert any(line.startswith("  stage1: ") and " step (" in line for line in lines)  # the step's progress
+    assert log.read_text() == output
+
+@pytest.mark.slow
 def test_a_domain_finetune_from_the_form_skips_stage_2_and_publishes_under_its_own_name(airflow_home, retrain):
     tmp_path, config, first = retrain
     assert first.returncode == 0

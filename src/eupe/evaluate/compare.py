@@ -88,7 +88,7 @@ def run_compare(cfg: Config, out: str | Path, student_weights: str | None) -> di
         for label, i in inputs.items():
             t0 = time.perf_counter()
             size = cfg.eval.resolution or i.spec.img_size
-            evaluation, examples = _evaluate(cfg, i, rt, size)
+            evaluation, examples = _evaluate(cfg, i, rt, size, label=label)
             table[label] = {**{k: evaluation.get(k) for k in COLUMNS}, "depth_delta1": evaluation.get("depth_delta1"),
                             "model": i.spec.model, "weights": i.spec.weights, "resolution": size,
                             "random_init": i.spec.weights is None}

@@ -270,14 +270,16 @@ def _build(cfg: Config, inputs: Inputs) -> torch.nn.Module:
 
 
 def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int, model: torch.nn.Module | None = None,
-              fid: FidelityInputs | None = None) -> tuple[dict, dict]:
+              fid: FidelityInputs | None = None, label: str | None = None) -> tuple[dict, dict]:
     """``model``: the encoder :func:`_build` made (when it was built to check its weights), else built here;
-    ``fid``: :func:`fidelity_inputs`, for an encoder given with --checkpoint/--norm."""
+    ``fid``: :func:`fidelity_inputs`, for an encoder given with --checkpoint/--norm; ``label``: the row of a
+    comparison, named in the progress lines."""
     timings, details, notes, examples = {}, {}, {}, {}
     t0 = time.perf_counter()
     model = freeze(model if model is not None else _build(cfg, inputs)).to(rt.device)
-    train = encode(model, _loader(cfg, inputs, inputs.split.train, size), rt, size, False, "encode train")
-    held = encode(model, _loader(cfg, inputs, inputs.split.heldout, size), rt, size, True, "encode held-out")
+    desc = f"{label}: encode" if label else "encode"
+    train = encode(model, _loader(cfg, inputs, inputs.split.train, size), rt, size, False, f"{desc} train")
+    held = encode(model, _loader(cfg, inputs, inputs.split.heldout, size), rt, size, True, f"{desc} held-out")
     timings["encode"] = time.perf_counter() - t0
     metrics: dict[str, Any] = dict.fromkeys(METRICS)
 
