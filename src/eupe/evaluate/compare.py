@@ -57,7 +57,7 @@ def _chance(held, ignore_index: int) -> dict:
 
 def run_compare(cfg: Config, out: str | Path, student_weights: str | None) -> dict:
     from eupe.distill.runtime import setup, teardown
-    from eupe.evaluate.run import _evaluate, check_inputs
+    from eupe.evaluate.run import _evaluate, check_inputs, eval_data
     from eupe.models.registry import check_fits, check_weights
 
     rows = _rows(cfg, student_weights)
@@ -65,9 +65,9 @@ def run_compare(cfg: Config, out: str | Path, student_weights: str | None) -> di
         raise EupeError("--compare: pass the trained student's --weights (the comparison is with a random student)")
     if not cfg.proxy.weights:
         raise EupeError("--compare: pass the trained proxy's --proxy (or set proxy.weights)")
-    inputs = {}
+    inputs, data = {}, eval_data(cfg)  # the images and their labels, read once for every row
     for label, name, weights, random in rows:
-        i = check_inputs(cfg, name, weights, None, None, None)
+        i = check_inputs(cfg, name, weights, None, None, None, data)
         if random:
             i.spec = i.spec.model_copy(update={"weights": None})
         inputs[label] = i

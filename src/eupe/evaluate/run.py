@@ -82,8 +82,16 @@ def encoder_spec(cfg: Config, name: str) -> tuple[str, ModelSpec]:
     raise EupeError(f"--encoder {name!r}: expected student, proxy or a teacher ({', '.join(t.name for t in cfg.teachers)})")
 
 
+def eval_data(cfg: Config) -> tuple[ImageSource, Split, dict[str, bool]]:
+    """The recipe's images (an indexable folder), its split and the dense labels they carry, checked."""
+    source = open_image_folder(cfg.data.root, "evaluation")
+    sp = recipe_split(len(source), cfg)
+    return source, sp, available_labels(source, sp.train + sp.heldout)
+
+
 def check_inputs(cfg: Config, name: str, weights: str | None, checkpoint: str | None, norm: str | None,
-                 baseline: str | None) -> Inputs:
+                 baseline: str | None, data: tuple[ImageSource, Split, dict[str, bool]] | None = None) -> Inputs:
+    """``data``: :func:`eval_data`, when the caller (a comparison of several encoders) has read it already."""
     field, spec = encoder_spec(cfg, name)
     if (checkpoint is None) != (norm is None):
         raise EupeError("fidelity needs both --checkpoint (the training checkpoint with adapters) and --norm")
@@ -106,9 +114,7 @@ def check_inputs(cfg: Config, name: str, weights: str | None, checkpoint: str | 
             check_weights(tspec.weights, f"{where}.weights")
         adapters = adapter_states(checkpoint, [tname for tname, *_ in target_specs(cfg, stage)])
     base = gate.read_baseline(baseline) if baseline else None
-    source = open_image_folder(cfg.data.root, "evaluation")
-    sp = recipe_split(len(source), cfg)
-    labels = available_labels(source, sp.train + sp.heldout)
+    source, sp, labels = data or eval_data(cfg)
     return Inputs(name, field, spec, source, sp, labels, checkpoint, norm, stage, adapters, base)
 
 
