@@ -194,3 +194,22 @@ def test_scan_reads_webdataset_shards_like_the_folder_they_hold(tmp_path, tiny_d
     assert len(shards) == 64 and shards["decodable"].all() and shards["uri"].str.contains(r"\.tar#").all()
     assert sorted(shards["sha256"]) == sorted(folder["sha256"])
     assert shards["label"].value_counts().to_dict() == {"0": 16, "1": 16, "2": 16, "3": 16}  # numeric .cls
+
+
+def test_shards_without_a_sample_into_an_earlier_scan_keep_it_whole(tmp_path, tiny_data, capsys):
+    """.tar shards that hold no sample are refused before --out is touched: an earlier scan there stays byte for
+    byte, with no claim left."""
+    import tarfile
+
+    out = tmp_path / "scan"
+    assert main(["data", "scan", "--data", str(tiny_data), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    empty = tmp_path / "shards"
+    empty.mkdir()
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        tarfile.open(empty / name, "w").close()
+    capsys.readouterr()
+    assert main(["data", "scan", "--data", str(empty), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"eupe: error: no images in {empty}: its .tar shards hold no sample"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

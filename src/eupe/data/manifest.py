@@ -182,7 +182,20 @@ def run_scan(cfg, data: str, out: str | Path, workers: int | None = None) -> dic
 
     start = time.perf_counter()
     source = open_dataset(data)  # bad input fails here, before anything under ``out`` is touched
-    run = StepRun(out, "data-scan", fingerprint("data-scan", {"data": data}, max_pixels=cfg.validation.max_pixels))
+
+    def check() -> None:  # .tar shards that hold no sample fail before --out (an earlier scan there) is touched
+        if not hasattr(source, "__len__"):
+            from eupe.data.sources import iter_records
+
+            records = iter_records(source)
+            try:
+                if next(records, None) is None:
+                    raise EupeError(f"no images in {data}: its .tar shards hold no sample")
+            finally:
+                records.close()
+
+    run = StepRun(out, "data-scan", fingerprint("data-scan", {"data": data}, max_pixels=cfg.validation.max_pixels),
+                  check=check)
     if run.done:
         return run.done
     with run.staging() as tmp:
