@@ -158,11 +158,13 @@ def push(gateway: str, grouping: dict[str, str], samples: list[Sample], replace:
 class StepMetrics:
     """One step's push, begun when its StepRun is made: :meth:`finish` pushes. At the process's exit a step
     still open (it raised, wrote result.json itself like promote, or computed again after an up-to-date
-    check and raised) is pushed from its result.json, or as a failure when it wrote none."""
+    check and raised) is pushed from its result.json, or as a failure when it wrote none. ``earlier``: the
+    result.json its StepRun found there (a run before this one), which is not this run's: a step that fails
+    on a bad input before it touches ``--out`` leaves it in place, and is pushed as a failure."""
 
     def __init__(self, step: str, out: str, gateway: str, grouping: dict[str, str]):
         self.step, self.out, self.gateway, self.grouping = step, out, gateway, grouping
-        self.start, self.pushed = time.monotonic(), None
+        self.start, self.pushed, self.earlier = time.monotonic(), None, None
 
     def finish(self, result: dict, up_to_date: bool = False) -> None:
         if self in _open and not up_to_date:  # an up-to-date step may still compute again
@@ -182,7 +184,8 @@ class StepMetrics:
             result = storage.read_result(self.out) if storage.exists(uri) else None
         except Exception:  # noqa: BLE001 - unreadable: the step did not finish
             result = None
-        if not isinstance(result, dict) or result.get("step") != self.step:
+        if not isinstance(result, dict) or result.get("step") != self.step or (
+                self.pushed is None and result == self.earlier):  # an earlier run's, which this one left whole
             result = {"status": "failed"}
         elif self.pushed is not None and self.pushed.get("finished_at") == result.get("finished_at"):
             return  # the up-to-date result, pushed already

@@ -69,6 +69,8 @@ class StepRun:
         self.local, self.claimed, self.checked = not storage.is_s3(self.out), None, None
         self._check_place()
         previous = self._previous()
+        if self.metrics is not None:
+            self.metrics.earlier = previous  # not this run's result, should it fail before it writes one
         self._check_owner(previous)
         self.done = self._up_to_date(previous)
         if self.done is not None and self.metrics is not None:

@@ -128,7 +128,8 @@ def test_a_step_pushes_its_result_json_to_the_pushgateway(pushgateway, tiny_data
     assert all(set(GROUPING) <= set(dict(labels)) for _, labels in got)
 
     # the same step failing later in the run keeps the last success's values: a .tar shard without a sample
-    # fails the scan after its StepRun began (exit 2)
+    # fails the scan in its StepRun's check (exit 2), before --out is touched, so the earlier run's result.json
+    # is still there: it is not this run's, and the push is a failure
     (tmp_path / "shards").mkdir()
     tarfile.open(tmp_path / "shards" / "000.tar", "w").close()
     failed = eupe("data", "scan", "--data", tmp_path / "shards", "--out", tmp_path / "scan", "--workers", 1,
