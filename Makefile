@@ -27,7 +27,7 @@ COMMA := ,
 # on failure the log's errors and one line, else the run's wall time.
 define dags_test
 start=$$(date +%s); { $(AIRFLOW_ENV) $(BIN)/airflow dags test $(1) $(DEMO_DATE) -c '$(2)' 2>&1; echo "eupe-dag-exit $$?"; } \
-	| awk -v logfile=airflow_home/$(3).log -f tools/dag_progress.awk \
+	| awk -v logfile=airflow_home/$(3).log -f tools/iso_seconds.awk -f tools/dag_progress.awk \
 	|| { grep -E "AirflowFailException|AirflowException|eupe: error" airflow_home/$(3).log | tail -n 20; \
 	     echo "make $(3): the DAG run failed (airflow_home/$(3).log)"; exit 1; }; \
 	echo "DAG run $(1)/demo: success in $$(( $$(date +%s) - start )) s"
@@ -44,7 +44,7 @@ demo: $(STAMP) airflow_home/airflow.db
 	@$(call dags_test,eupe_retrain,{"run_name": "demo"$(COMMA) $(DEMO_CONF)},demo)
 	@run=$$($(AIRFLOW_ENV) $(BIN)/airflow dags list-runs eupe_retrain -o plain 2>/dev/null | awk '$$5 == "$(DEMO_DATE)" {print $$2; exit}'); \
 		$(AIRFLOW_ENV) $(BIN)/airflow tasks states-for-dag-run eupe_retrain "$$run" -o plain 2>/dev/null \
-		| awk -f tools/task_times.awk; echo
+		| awk -f tools/iso_seconds.awk -f tools/task_times.awk; echo
 	@$(BIN)/python -m components.task --pipeline eupe_retrain --run-id demo --artifact-root artifacts \
 		--params '$(DEMO_PARAMS)' --summary
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-AWK = Path(__file__).resolve().parents[1] / "tools" / "dag_progress.awk"
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+AWK = ["-f", str(TOOLS / "iso_seconds.awk"), "-f", str(TOOLS / "dag_progress.awk")]
 pytestmark = pytest.mark.skipif(shutil.which("awk") is None, reason="no awk")
 
 LOG = """\
@@ -27,7 +28,7 @@ LOG = """\
 
 def _run(text: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
     log = tmp_path / "demo.log"
-    proc = subprocess.run(["awk", "-v", f"logfile={log}", "-f", str(AWK)], input=text, capture_output=True, text=True)
+    proc = subprocess.run(["awk", "-v", f"logfile={log}", *AWK], input=text, capture_output=True, text=True)
     return proc, log
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-AWK = Path(__file__).resolve().parents[1] / "tools" / "task_times.awk"
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+AWK = ["awk", "-f", str(TOOLS / "iso_seconds.awk"), "-f", str(TOOLS / "task_times.awk")]
 
 PLAIN = """\
 Providers with executors missing 'cli' section ...
@@ -23,7 +24,7 @@ eupe_retrain  2026-01-05T00:00:00+00:00  promote      upstream_failed  None     
 
 @pytest.mark.skipif(shutil.which("awk") is None, reason="no awk")
 def test_each_task_gets_its_wall_seconds_and_the_total():
-    out = subprocess.run(["awk", "-f", str(AWK)], input=PLAIN, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(AWK, input=PLAIN, capture_output=True, text=True, check=True).stdout
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
     assert rows["task_id"] == ["state", "seconds"]
     assert rows["validate"] == ["success", "15.4"]

@@ -3,11 +3,7 @@
 # zoo's and training's steps, eta, loss), and one line when the task ends with its state and wall seconds (from
 # the log's own timestamps, UTC). The input ends with "eupe-dag-exit <status>" (the Makefile appends it after
 # Airflow exits); awk exits with that status, or 1 when the line never came (Airflow killed).
-function secs(t, p) {
-    if (t !~ /^[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T/) return -1
-    split(t, p, /[T:]/)  # p[2] hours, p[3] minutes, p[4] seconds with the zone after them (numeric prefix)
-    return p[2] * 3600 + p[3] * 60 + p[4]
-}
+# Needs tools/iso_seconds.awk.
 function clock(t) { return (secs(t) < 0) ? "--:--:--" : substr(t, 12, 8) }
 function field(line, key) {  # the value of key=value in line
     if (!match(line, key "=[^ ]+")) return ""
@@ -25,8 +21,7 @@ function task(line, i) {  # task_id, with [map index] for a mapped task
 }
 /new_state=/ { state = field($0, "new_state"); next }
 /\[DAG TEST\] end task task_id=/ {
-    name = task($0); d = (name in start && start[name] >= 0 && secs($1) >= 0) ? secs($1) - start[name] : -1
-    if (d < -43200) d += 86400  # across midnight
+    name = task($0); d = (name in start) ? elapsed(start[name], secs($1)) : -1
     printf "[%s] %s: %s%s\n", clock($1), name, (state == "" ? "ended" : state), (d < 0 ? "" : sprintf(" in %.1f s", d))
     fflush(); next
 }

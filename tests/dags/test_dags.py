@@ -470,7 +470,8 @@ def test_make_demos_live_view_reads_a_real_runs_output(airflow_home, retrain, tm
     _, _, proc = retrain
     output = proc.stdout + proc.stderr
     log = tmp_path / "demo.log"
-    view = subprocess.run(["awk", "-v", f"logfile={log}", "-f", str(ROOT / "tools" / "dag_progress.awk")],
+    view = subprocess.run(["awk", "-v", f"logfile={log}", "-f", str(ROOT / "tools" / "iso_seconds.awk"),
+                           "-f", str(ROOT / "tools" / "dag_progress.awk")],
                           input=output + "eupe-dag-exit 0\n", capture_output=True, text=True, check=True).stdout
     lines = [line.split("] ", 1)[1] for line in view.splitlines()]
     ended = [line.split(":")[0] for line in lines if ": success in " in line]

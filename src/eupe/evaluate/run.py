@@ -70,6 +70,7 @@ class Inputs:
     stage: int | None
     adapters: dict[str, dict[str, torch.Tensor]] | None  # target -> its adapter's state, from --checkpoint
     baseline: dict[str, float] | None
+    norm_stats: tuple[dict, dict] | None = None  # --norm as read (load_stats: statistics, metadata)
 
 
 def encoder_spec(cfg: Config, name: str) -> tuple[str, ModelSpec]:
@@ -99,12 +100,12 @@ def check_inputs(cfg: Config, name: str, weights: str | None, checkpoint: str | 
         spec = spec.model_copy(update={"weights": weights or checkpoint})
     check_model_name(spec.model, f"{field}.model")
     check_weights(spec.weights, "--weights" if weights else "--checkpoint" if checkpoint else f"{field}.weights")
-    stage = adapters = None
+    stage = adapters = norm_stats = None
     if checkpoint is not None:
         if name not in ("student", "proxy"):
             raise EupeError(f"--checkpoint: fidelity is measured for the trained student or proxy, not teacher {name!r}")
         check_weights(norm, "--norm")
-        stats, meta = load_stats(norm)
+        stats, meta = norm_stats = load_stats(norm)
         stage = int(meta.get("stage") or (1 if name == "proxy" else 3))
         if (stage == 1) != (name == "proxy"):
             raise EupeError(f"--norm {norm} holds stage-{stage} statistics, which do not belong to the {name}")
@@ -115,7 +116,7 @@ def check_inputs(cfg: Config, name: str, weights: str | None, checkpoint: str | 
         adapters = adapter_states(checkpoint, [tname for tname, *_ in target_specs(cfg, stage)])
     base = gate.read_baseline(baseline) if baseline else None
     source, sp, labels = data or eval_data(cfg)
-    return Inputs(name, field, spec, source, sp, labels, checkpoint, norm, stage, adapters, base)
+    return Inputs(name, field, spec, source, sp, labels, checkpoint, norm, stage, adapters, base, norm_stats)
 
 
 @torch.inference_mode()
@@ -214,10 +215,10 @@ class FidelityInputs:
 def fidelity_inputs(cfg: Config, inputs: Inputs, model: torch.nn.Module, size: int) -> FidelityInputs:
     """Built and checked against each other (statistics of these very targets, adapters that fit the encoder)
     before any compute: a --checkpoint/--norm that do not belong together fail here."""
-    stats, meta = load_stats(inputs.norm)
+    stats, meta = inputs.norm_stats  # read by check_inputs
     targets = build_targets(cfg, inputs.stage, pick_device(cfg))
     check_bound(targets, stats, meta, inputs.norm)  # the statistics describe these very targets
-    adapters = build_adapters(inputs.checkpoint, inputs.adapters, stats, tuple(feature_dims(model, size)))
+    adapters = build_adapters(inputs.checkpoint, inputs.adapters, stats, feature_dims(model, size))
     return FidelityInputs(targets, stats, adapters)
 
 
@@ -240,7 +241,6 @@ def _fidelity(cfg: Config, fid: FidelityInputs, held: Encoded, rt: Runtime, size
 def run_evaluate(cfg: Config, encoder: str, out: str | Path, weights: str | None = None, checkpoint: str | None = None,
                  norm: str | None = None, baseline: str | None = None) -> dict:
     inputs = check_inputs(cfg, encoder, weights, checkpoint, norm, baseline)
-
     size = cfg.eval.resolution or inputs.spec.img_size
 
     def check() -> tuple:  # weights that do not load into the encoder, a --checkpoint/--norm that do not fit it:
@@ -278,7 +278,7 @@ def _build(cfg: Config, inputs: Inputs) -> torch.nn.Module:
 def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int, model: torch.nn.Module | None = None,
               fid: FidelityInputs | None = None, label: str | None = None) -> tuple[dict, dict]:
     """``model``: the encoder :func:`_build` made (when it was built to check its weights), else built here;
-    ``fid``: :func:`fidelity_inputs`, for an encoder given with --checkpoint/--norm; ``label``: the row of a
+    ``fid``: :func:`fidelity_inputs`, given with --checkpoint/--norm (fidelity is measured); ``label``: the row of a
     comparison, named in the progress lines."""
     timings, details, notes, examples = {}, {}, {}, {}
     t0 = time.perf_counter()
@@ -314,9 +314,8 @@ def _evaluate(cfg: Config, inputs: Inputs, rt: Runtime, size: int, model: torch.
     timings["keypoints"] = time.perf_counter() - t
     if metrics["keypoint_pck"] is None:
         notes["keypoint_pck"] = "no keypoint lands inside a warped image"
-    if inputs.checkpoint:
+    if fid is not None:
         t = time.perf_counter()
-        fid = fid or fidelity_inputs(cfg, inputs, model, size)
         metrics["fidelity"], details["fidelity"] = _fidelity(cfg, fid, held, rt, size)
         timings["fidelity"] = time.perf_counter() - t
     else:

@@ -296,11 +296,12 @@ def run_teachers(cfg: Config, out: str | Path, resume: bool | str = False) -> di
     if "mask" in need:
         need.add("depth")
     size = max(t.img_size for _, t in teachers)
-    t0 = time.perf_counter()
 
-    def check() -> tuple[dict, float]:  # data without the labels a teacher trains on fails before --out is touched
+    def check() -> tuple[float, dict, float]:  # data without the labels a teacher trains on fails before --out is
+        # touched: (when loading began, the images, the seconds it took)
+        start = time.perf_counter()
         parts = _load(cfg, size, need, max(t.train.iters * t.train.batch_size for _, t in teachers))
-        return parts, time.perf_counter() - t0
+        return start, parts, time.perf_counter() - start
 
     run = StepRun(out, "teachers", fp, check=check)
     if run.done:
@@ -308,7 +309,7 @@ def run_teachers(cfg: Config, out: str | Path, resume: bool | str = False) -> di
     from eupe.distill.checkpoint import tensors_for_disk
     from eupe.distill.runtime import setup, teardown
 
-    parts, load_s = run.checked
+    t0, parts, load_s = run.checked
     rt = setup(cfg)
     per_teacher, states = {}, {}
     try:
